@@ -1,0 +1,5 @@
+"""``python -m callbrain`` is the ``callbrain`` command."""
+
+from callbrain.cli import app
+
+app()

@@ -1,0 +1,138 @@
+"""An agent: what it says, how it behaves on the call, and which model is its brain.
+
+One YAML file per agent, or the same :class:`Agent` built in Python. Unknown
+keys are errors, not silently ignored, because a misspelt ``begin_mesage`` would
+otherwise give a mute agent on a live phone line.
+
+String values may reference the environment as ``${NAME}`` or
+``${NAME:-default}``, so secrets stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from callbrain.conversation import DEFAULT_REMINDER_PROMPT
+from callbrain.llm.config import LLMConfig, LocalConfig
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class AgentConfigError(ValueError):
+    """An agent definition is invalid; the message names the file and the key."""
+
+
+class RetellConfig(BaseModel):
+    """The ``config`` frame sent first on every socket."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    auto_reconnect: bool = True
+    """Retell pings every 2 s and reconnects if we stop answering."""
+    call_details: bool = True
+    """Retell sends the call object (numbers, dynamic variables) right after connect."""
+    transcript_with_tool_calls: bool = False
+
+
+class Agent(BaseModel):
+    """Everything callbrain needs to run one kind of call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="agent", min_length=1)
+    system_prompt: str = "You are a helpful, friendly phone agent. Keep every answer short."
+    """Rendered with the call's dynamic variables, e.g. ``{{customer_name}}``."""
+    begin_message: str = ""
+    """Spoken first (templated like the system prompt); empty lets the caller speak first."""
+    reminder_prompt: str = DEFAULT_REMINDER_PROMPT
+    """Instruction for ``reminder_required``: a short check-in, not a new answer."""
+    fallback_message: str = "Sorry, I'm having a little trouble. Could you say that again?"
+    """Spoken when the model fails or times out; never the raw error."""
+    dynamic_variables: dict[str, str] = Field(default_factory=dict)
+    """Defaults for template variables; the call's own dynamic variables win."""
+    wait_for_call_details: bool = False
+    """Hold the begin message until ``call_details`` arrives (for a templated greeting)."""
+    call_details_timeout_s: float = Field(default=2.0, gt=0, le=6)
+    """Greet anyway after this long, so the agent is never mute (Retell gives up at 7 s)."""
+    max_history_messages: int = Field(default=40, ge=1)
+    retell_config: RetellConfig = Field(default_factory=RetellConfig)
+    llm: LLMConfig = Field(default_factory=lambda: LocalConfig(provider="local"))
+
+    @model_validator(mode="after")
+    def _details_needed(self) -> Agent:
+        if self.wait_for_call_details and not self.retell_config.call_details:
+            raise ValueError(
+                "wait_for_call_details needs retell_config.call_details: true "
+                "(otherwise Retell never sends them)"
+            )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Agent:
+        """Load an agent file, expanding ``${ENV}`` references."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise AgentConfigError(f"{path}: cannot read agent file: {exc.strerror}") from None
+        return cls.from_yaml_text(text, source=str(path))
+
+    @classmethod
+    def from_yaml_text(cls, text: str, *, source: str = "<agent>") -> Agent:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise AgentConfigError(f"{source}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise AgentConfigError(
+                f"{source}: expected a mapping of keys, got {type(data).__name__}"
+            )
+        return cls.from_dict(_expand_env(data, source, ()), source=source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<agent>") -> Agent:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            lines = [
+                f"  {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            ]
+            raise AgentConfigError(
+                f"{source}: invalid agent definition\n" + "\n".join(lines)
+            ) from None
+
+
+def example_agent_path() -> Path:
+    """The clinic receptionist agent that ships with the package."""
+    return Path(str(resources.files("callbrain.examples").joinpath("clinic.yaml")))
+
+
+def _expand_env(value: Any, source: str, where: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, source, (*where, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, source, (*where, str(i))) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        raise AgentConfigError(
+            f"{source}: {'.'.join(where)} refers to ${{{name}}}, which is not set "
+            f"(set it, or write ${{{name}:-default}})"
+        )
+
+    return _ENV_REF.sub(substitute, value)

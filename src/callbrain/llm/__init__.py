@@ -1,0 +1,48 @@
+"""Provider-neutral LLM layer: one stream interface, one module per provider."""
+
+from __future__ import annotations
+
+from callbrain.llm.base import (
+    LLM,
+    ChatChunk,
+    ChatRequest,
+    LLMError,
+    LLMStream,
+    LLMTimeoutError,
+    Message,
+    TextDelta,
+    Usage,
+)
+from callbrain.llm.config import AnthropicConfig, LLMConfig, LocalConfig, OpenAIConfig
+
+__all__ = [
+    "LLM",
+    "AnthropicConfig",
+    "ChatChunk",
+    "ChatRequest",
+    "LLMConfig",
+    "LLMError",
+    "LLMStream",
+    "LLMTimeoutError",
+    "LocalConfig",
+    "Message",
+    "OpenAIConfig",
+    "TextDelta",
+    "Usage",
+    "create_llm",
+]
+
+
+def create_llm(config: OpenAIConfig | AnthropicConfig | LocalConfig) -> LLM:
+    """Build the backend for ``config``; provider SDKs are imported only when used."""
+    if isinstance(config, OpenAIConfig):
+        from callbrain.llm.openai import OpenAILLM
+
+        return OpenAILLM(config)
+    if isinstance(config, AnthropicConfig):
+        from callbrain.llm.anthropic import AnthropicLLM
+
+        return AnthropicLLM(config)
+    from callbrain.llm.local import LocalLLM
+
+    return LocalLLM(config)

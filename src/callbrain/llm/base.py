@@ -1,0 +1,245 @@
+"""One provider-neutral streaming interface for every model callbrain can drive.
+
+Every backend turns its own wire format into a single async stream of neutral
+chunks (:class:`TextDelta`, :class:`Usage`; tool calls will join them). The call
+session only ever sees that stream, so barge-in handling, apologies and metrics
+are written once, not once per provider.
+
+Deadlines, error translation and metrics live here in :class:`LLMStream`, not in
+the backends, for the same reason: a backend only has to implement
+:meth:`LLM._generate` as an async generator that
+
+* yields neutral chunks as soon as the provider produces them,
+* raises :class:`LLMError` for provider failures (it may let other exceptions
+  escape; the stream wraps them), and
+* holds its provider connection in ``async with`` / ``try: finally`` so that
+  closing the generator closes the connection *now*. That is what makes a
+  superseded turn stop costing tokens the moment Retell sends a newer request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import ClassVar, Literal
+
+logger = logging.getLogger("callbrain.llm")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One conversation turn in provider-neutral form."""
+
+    role: Literal["user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """Everything a backend needs for one completion.
+
+    The system prompt is kept apart from the messages because providers disagree
+    on where it goes (OpenAI: first message; Anthropic: a separate parameter).
+    """
+
+    system: str
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of text to speak, in the order the model produced it."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts for the completion, when the provider reports them."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+ChatChunk = TextDelta | Usage
+
+
+class LLMError(Exception):
+    """A provider failed to produce (the rest of) a completion.
+
+    The message is for logs only: callers must never hear it.
+    ``retryable`` marks failures where trying again (or another provider) may
+    help: connection errors, timeouts, 429 and 5xx.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status: int | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.status = status
+        self.retryable = retryable
+
+
+class LLMTimeoutError(LLMError):
+    """The provider missed its first-token or inter-chunk deadline."""
+
+    def __init__(self, message: str, *, provider: str) -> None:
+        super().__init__(message, provider=provider, retryable=True)
+
+
+@dataclass(slots=True)
+class StreamMetrics:
+    """What one completion cost, measured from the moment it was requested."""
+
+    provider: str
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    ttft_s: float | None = None
+    duration_s: float | None = None
+    text_chunks: int = 0
+    text_chars: int = 0
+    usage: Usage | None = None
+    outcome: str = "open"
+
+
+class LLM(ABC):
+    """A chat model that streams neutral chunks.
+
+    ``first_token_timeout`` bounds the wait for the first chunk and
+    ``idle_timeout`` the gap between later chunks; a plain read timeout covers
+    neither, because a provider that trickles keep-alives never trips it.
+    """
+
+    provider: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        first_token_timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.model = model
+        self.first_token_timeout = first_token_timeout
+        self.idle_timeout = idle_timeout
+
+    def chat(self, request: ChatRequest) -> LLMStream:
+        """Start a completion. Use the result with ``async with`` and ``async for``."""
+        return LLMStream(self, request)
+
+    @abstractmethod
+    def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
+        """Backend hook: an async generator of neutral chunks (see module docstring)."""
+
+    async def warmup(self, request: ChatRequest | None = None) -> None:  # noqa: B027 (optional hook)
+        """Load whatever is slow to load before the first call.
+
+        ``request`` is a typical request (the agent's system prompt): a backend
+        that caches prompt prefixes, like the local model, processes it now so the
+        first caller does not wait for it.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 (optional hook)
+        """Release clients, threads and models."""
+
+
+class LLMStream:
+    """One completion in flight: an async iterator and an async context manager.
+
+    Leaving the ``async with`` block, or cancelling the task that iterates it,
+    closes the provider connection at once.
+    """
+
+    def __init__(self, llm: LLM, request: ChatRequest) -> None:
+        self._llm = llm
+        self._gen = llm._generate(request)
+        self.metrics = StreamMetrics(provider=llm.provider, model=llm.model)
+
+    def __aiter__(self) -> LLMStream:
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        first = self.metrics.ttft_s is None
+        deadline = self._llm.first_token_timeout if first else self._llm.idle_timeout
+        try:
+            async with asyncio.timeout(deadline):
+                chunk = await anext(self._gen)
+        except StopAsyncIteration:
+            self._finish("ok")
+            raise
+        except TimeoutError:
+            self._finish("timeout")
+            what = "first token" if first else "next chunk"
+            raise LLMTimeoutError(
+                f"{self._llm.provider}: no {what} within {deadline}s", provider=self._llm.provider
+            ) from None
+        except LLMError as exc:
+            self._finish(f"error:{exc.status or type(exc).__name__}")
+            raise
+        except asyncio.CancelledError:
+            self._finish("cancelled")
+            raise
+        except Exception as exc:
+            self._finish(f"error:{type(exc).__name__}")
+            raise LLMError(
+                f"{self._llm.provider}: {type(exc).__name__}: {exc}", provider=self._llm.provider
+            ) from exc
+        self._record(chunk)
+        return chunk
+
+    def _record(self, chunk: ChatChunk) -> None:
+        m = self.metrics
+        if isinstance(chunk, TextDelta):
+            if m.ttft_s is None:
+                m.ttft_s = time.perf_counter() - m.started
+            m.text_chunks += 1
+            m.text_chars += len(chunk.text)
+        else:
+            m.usage = chunk
+
+    def _finish(self, outcome: str) -> None:
+        m = self.metrics
+        if m.outcome != "open":
+            return
+        m.outcome = outcome
+        m.duration_s = time.perf_counter() - m.started
+        logger.info(
+            "llm %s model=%s outcome=%s ttft_ms=%s duration_ms=%.0f chunks=%d chars=%d%s",
+            m.provider,
+            m.model,
+            outcome,
+            "-" if m.ttft_s is None else f"{m.ttft_s * 1000:.0f}",
+            m.duration_s * 1000,
+            m.text_chunks,
+            m.text_chars,
+            f" tokens_in={m.usage.input_tokens} tokens_out={m.usage.output_tokens}"
+            if m.usage
+            else "",
+        )
+
+    async def aclose(self) -> None:
+        """Close the provider connection now; safe to call more than once."""
+        self._finish("closed")
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> LLMStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

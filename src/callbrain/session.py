@@ -1,0 +1,254 @@
+"""One call's state machine: one :class:`CallSession` per Retell socket.
+
+The rules it keeps, on every path including errors, timeouts and cancellation:
+
+* ``ping_pong`` is answered from the read loop itself, so it never waits behind
+  a generation.
+* Each ``response_required`` / ``reminder_required`` runs in its own task. A
+  newer request cancels the older task at once, which closes its provider
+  stream (see :mod:`callbrain.llm.base`).
+* Every frame for a response goes through :meth:`CallSession._send_response`,
+  the one place that checks, under the send lock, that the id is still the
+  newest one and not yet completed. So no frame for a superseded id can be sent
+  after the newer request arrived, and no id is completed twice.
+* A live response always ends with exactly one ``content_complete: true``; if
+  the model fails, the caller hears the agent's fallback line, never the error.
+* A malformed frame is logged and skipped; the call goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from callbrain.agent import Agent
+from callbrain.conversation import build_chat_request, render_template
+from callbrain.llm.base import LLM, LLMError, TextDelta
+from callbrain.protocol import (
+    CallDetails,
+    ConfigFlags,
+    ConfigFrame,
+    FrameError,
+    OutboundFrame,
+    PingPong,
+    PingPongFrame,
+    ReminderRequired,
+    ResponseFrame,
+    TurnRequest,
+    UnknownInteraction,
+    UpdateOnly,
+    Utterance,
+    encode,
+    parse_inbound,
+)
+
+logger = logging.getLogger("callbrain.session")
+
+# WebSocket close code for "server error" (RFC 6455). Never 1000: Retell takes 1000 as a
+# deliberate hang-up and ends the call without reconnecting.
+CLOSE_INTERNAL_ERROR = 1011
+
+# Fields of the call object that prompts may use as {{variables}} too.
+_CALL_FIELDS = ("call_id", "call_type", "direction", "from_number", "to_number", "agent_id")
+
+
+class Transport(Protocol):
+    """The socket as the session sees it; the server adapts Starlette's WebSocket to it."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next frame (text or binary), or None once the peer has gone."""
+
+    async def send_text(self, text: str) -> None: ...
+
+    async def close(self, code: int) -> None: ...
+
+
+class CallSession:
+    """Drives one call from the first ``config`` frame to the closed socket."""
+
+    def __init__(self, agent: Agent, llm: LLM, transport: Transport, call_id: str) -> None:
+        self.agent = agent
+        self.llm = llm
+        self.call_id = call_id
+        self._transport = transport
+        self.transcript: list[Utterance] = []
+        self.turntaking: str | None = None
+        self.call: dict[str, object] | None = None
+        self.variables: dict[str, str] = {**agent.dynamic_variables, "call_id": call_id}
+        # The begin message is response 0; every request from Retell has a higher id.
+        self._latest_id = 0
+        self._completed_id = -1
+        self._turn: asyncio.Task[None] | None = None
+        self._begin: asyncio.Task[None] | None = None
+        self._details_arrived = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._open = True
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Serve the call until Retell closes the socket."""
+        logger.info(
+            "call started (agent=%s, llm=%s/%s)", self.agent.name, self.llm.provider, self.llm.model
+        )
+        try:
+            flags = self.agent.retell_config
+            await self._send(ConfigFrame(config=ConfigFlags(**flags.model_dump())))
+            if self.agent.wait_for_call_details:
+                self._begin = asyncio.create_task(self._greet_after_details())
+            else:
+                await self._greet()
+            while (raw := await self._transport.receive()) is not None:
+                await self._dispatch(raw)
+        except Exception:
+            logger.exception("session failed; closing the socket with %d", CLOSE_INTERNAL_ERROR)
+            self._open = False
+            with contextlib.suppress(Exception):
+                await self._transport.close(CLOSE_INTERNAL_ERROR)
+        finally:
+            self._open = False
+            await self._stop_tasks()
+            logger.info("call ended")
+
+    async def _dispatch(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            logger.warning("ignored a binary frame (%d bytes); Retell sends only text", len(raw))
+            return
+        try:
+            frame = parse_inbound(raw)
+        except UnknownInteraction as exc:
+            logger.info("ignored frame: %s", exc)
+            return
+        except FrameError as exc:
+            logger.warning("ignored malformed frame (%d chars): %s", len(raw), exc)
+            return
+        if isinstance(frame, PingPong):
+            await self._send(PingPongFrame(timestamp=frame.timestamp))
+        elif isinstance(frame, UpdateOnly):
+            self.transcript = frame.transcript
+            if frame.turntaking is not None:
+                self.turntaking = frame.turntaking
+        elif isinstance(frame, CallDetails):
+            self._on_call_details(frame)
+        else:
+            self._on_turn_request(frame)
+
+    def _on_call_details(self, frame: CallDetails) -> None:
+        self.call = frame.call
+        for key in _CALL_FIELDS:
+            value = frame.call.get(key)
+            if isinstance(value, str):
+                self.variables[key] = value
+        self.variables.update(frame.dynamic_variables)
+        self._details_arrived.set()
+        logger.info("call details received (%d dynamic variables)", len(frame.dynamic_variables))
+
+    def _on_turn_request(self, frame: TurnRequest) -> None:
+        rid = frame.response_id
+        if rid <= self._latest_id:
+            logger.warning(
+                "ignored %s %d: not newer than response %d",
+                frame.interaction_type,
+                rid,
+                self._latest_id,
+            )
+            return
+        # From here on the older id is superseded: _send_response refuses it.
+        previous, self._latest_id = self._latest_id, rid
+        self.transcript = frame.transcript
+        if self._turn is not None and not self._turn.done():
+            self._turn.cancel()
+            logger.info("response %d superseded by %d", previous, rid)
+        self._turn = asyncio.create_task(self._respond(frame), name=f"response-{rid}")
+
+    # --------------------------------------------------------------------- turns
+
+    async def _greet_after_details(self) -> None:
+        try:
+            async with asyncio.timeout(self.agent.call_details_timeout_s):
+                await self._details_arrived.wait()
+        except TimeoutError:
+            logger.warning(
+                "no call_details after %.1fs; greeting with default variables",
+                self.agent.call_details_timeout_s,
+            )
+        await self._greet()
+
+    async def _greet(self) -> None:
+        text, missing = render_template(self.agent.begin_message, self.variables)
+        if missing:
+            logger.warning("begin_message variables without a value: %s", ", ".join(missing))
+        await self._send_response(0, text.strip(), complete=True)
+
+    async def _respond(self, frame: TurnRequest) -> None:
+        rid = frame.response_id
+        reminder = isinstance(frame, ReminderRequired)
+        spoke = False
+        failed = False
+        try:
+            request, missing = build_chat_request(
+                system_prompt=self.agent.system_prompt,
+                transcript=frame.transcript,
+                variables=self.variables,
+                max_messages=self.agent.max_history_messages,
+                reminder_prompt=self.agent.reminder_prompt if reminder else None,
+            )
+            if missing:
+                logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
+            async with self.llm.chat(request) as stream:
+                async for chunk in stream:
+                    if isinstance(chunk, TextDelta) and chunk.text:
+                        spoke = await self._send_response(rid, chunk.text, complete=False) or spoke
+        except LLMError as exc:
+            failed = True
+            logger.warning("response %d: model failed: %s", rid, exc)
+        except Exception:
+            # CancelledError is not an Exception: a superseded turn ends silently here.
+            failed = True
+            logger.exception("response %d: unexpected error", rid)
+        final = ""
+        if failed:
+            final = (" " if spoke else "") + self.agent.fallback_message
+        await self._send_response(rid, final, complete=True)
+
+    async def _send_response(self, response_id: int, content: str, *, complete: bool) -> bool:
+        """Send content for ``response_id`` if it is still the live one; True if sent."""
+        async with self._send_lock:
+            if response_id != self._latest_id or response_id <= self._completed_id:
+                return False
+            if not self._open:
+                return False
+            frame = ResponseFrame(
+                response_id=response_id, content=content, content_complete=complete
+            )
+            if not await self._write(frame):
+                return False
+            if complete:
+                self._completed_id = response_id
+            return True
+
+    async def _send(self, frame: OutboundFrame) -> None:
+        async with self._send_lock:
+            if self._open:
+                await self._write(frame)
+
+    async def _write(self, frame: OutboundFrame) -> bool:
+        # Called with the send lock held. A socket that died under us ends the call
+        # quietly: the read loop sees the close next and tears the session down.
+        try:
+            await self._transport.send_text(encode(frame))
+        except Exception as exc:
+            self._open = False
+            logger.info("socket closed while sending %s: %r", frame.response_type, exc)
+            return False
+        return True
+
+    async def _stop_tasks(self) -> None:
+        tasks = [t for t in (self._turn, self._begin) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

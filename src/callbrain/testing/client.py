@@ -1,0 +1,220 @@
+"""Play Retell's side of a call over a real WebSocket.
+
+Retell's dashboard cannot test a custom-LLM agent, so this client stands in for
+Retell: it connects like Retell does, keeps the live transcript, sends
+``update_only`` / ``response_required`` / ``reminder_required`` / ``ping_pong``,
+and collects every frame the server sends, grouped by ``response_id``. It works
+against any server that speaks the protocol, not only callbrain.
+
+    async with RetellClient.connect("ws://127.0.0.1:8080/llm-websocket") as call:
+        await call.expect_config()
+        greeting = await call.expect_begin()
+        reply = await call.ask("What are your opening hours?")
+        assert reply.completes == 1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+Frame = dict[str, Any]
+
+
+def user(text: str) -> Frame:
+    """A caller utterance for a transcript."""
+    return {"role": "user", "content": text}
+
+
+def agent(text: str) -> Frame:
+    """An agent utterance for a transcript."""
+    return {"role": "agent", "content": text}
+
+
+@dataclass
+class ResponseTurn:
+    """Every ``response`` frame the server sent for one ``response_id``."""
+
+    response_id: int
+    frames: list[Frame] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(str(f.get("content", "")) for f in self.frames)
+
+    @property
+    def completes(self) -> int:
+        """How many frames carried ``content_complete: true`` (the protocol wants exactly 1)."""
+        return sum(1 for f in self.frames if f.get("content_complete") is True)
+
+    @property
+    def complete(self) -> bool:
+        return self.completes > 0
+
+
+class RetellClient:
+    """One simulated Retell connection. Create it with :meth:`connect`."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self.frames: list[Frame] = []
+        """Every frame received, in order, parsed from JSON."""
+        self.received_at: list[float] = []
+        """``time.monotonic()`` when each frame arrived."""
+        self.transcript: list[Frame] = []
+        self.latest_response_id = 0
+        self.close_code: int | None = None
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls, base_url: str, call_id: str = "test-call", *, open_timeout: float = 7.0
+    ) -> AsyncIterator[RetellClient]:
+        """Connect to ``{base_url}/{call_id}`` as Retell does (it appends the call id)."""
+        url = base_url.rstrip("/") + "/" + call_id
+        async with connect(url, open_timeout=open_timeout, max_size=None) as ws:
+            client = cls(ws)
+            try:
+                yield client
+            finally:
+                client._reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await client._reader
+
+    # --------------------------------------------------------------- receiving
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._ws:
+                frame = orjson.loads(message)
+                async with self._changed:
+                    self.frames.append(frame)
+                    self.received_at.append(time.monotonic())
+                    self._changed.notify_all()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self._ws.close_code
+            async with self._changed:
+                self._changed.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.done()
+
+    async def wait_for(
+        self, predicate: Callable[[list[Frame]], bool], timeout: float = 10.0
+    ) -> None:
+        """Wait until ``predicate(frames)`` holds; TimeoutError if it does not in time."""
+        async with asyncio.timeout(timeout), self._changed:
+            while not predicate(self.frames):
+                if self.closed:
+                    raise ConnectionError(f"socket closed (code {self.close_code}) while waiting")
+                await self._changed.wait()
+
+    async def next_frame(self, timeout: float = 10.0) -> Frame:
+        """The first frame not yet returned by this method."""
+        index = getattr(self, "_cursor", 0)
+        await self.wait_for(lambda frames: len(frames) > index, timeout)
+        self._cursor = index + 1
+        return self.frames[index]
+
+    def response_turn(self, response_id: int) -> ResponseTurn:
+        frames = [
+            f
+            for f in self.frames
+            if f.get("response_type") == "response" and f.get("response_id") == response_id
+        ]
+        return ResponseTurn(response_id, frames)
+
+    async def response(self, response_id: int, timeout: float = 15.0) -> ResponseTurn:
+        """Wait for ``content_complete`` on ``response_id``; record the reply in the transcript."""
+        await self.wait_for(lambda _: self.response_turn(response_id).complete, timeout)
+        turn = self.response_turn(response_id)
+        if response_id == self.latest_response_id and turn.text:
+            self.transcript.append(agent(turn.text))
+        return turn
+
+    async def expect_config(self, timeout: float = 5.0) -> Frame:
+        """The first frame, which must be ``config``."""
+        frame = await self.next_frame(timeout)
+        if frame.get("response_type") != "config":
+            raise AssertionError(f"first frame is not config: {frame}")
+        return frame
+
+    async def expect_begin(self, timeout: float = 10.0) -> ResponseTurn:
+        """The begin message (``response_id`` 0), added to the transcript if not empty."""
+        return await self.response(0, timeout)
+
+    # ----------------------------------------------------------------- sending
+
+    async def send(self, frame: Frame | str | bytes) -> None:
+        """Send a frame as is: a dict as JSON text, a str as text, bytes as a binary frame."""
+        if isinstance(frame, dict):
+            frame = orjson.dumps(frame).decode()
+        await self._ws.send(frame)
+
+    async def send_call_details(self, call: Frame) -> None:
+        await self.send({"interaction_type": "call_details", "call": call})
+
+    async def update(self, turntaking: str | None = None) -> None:
+        """``update_only`` with the current transcript."""
+        frame: Frame = {"interaction_type": "update_only", "transcript": self.transcript}
+        if turntaking:
+            frame["turntaking"] = turntaking
+        await self.send(frame)
+
+    async def request(self, *, reminder: bool = False, response_id: int | None = None) -> int:
+        """``response_required`` (or ``reminder_required``) for the current transcript."""
+        rid = next(self._ids) if response_id is None else response_id
+        self.latest_response_id = max(self.latest_response_id, rid)
+        kind = "reminder_required" if reminder else "response_required"
+        await self.send(
+            {"interaction_type": kind, "response_id": rid, "transcript": self.transcript}
+        )
+        return rid
+
+    async def say(self, text: str) -> int:
+        """The caller says ``text``: transcript update, then a response request. Returns its id."""
+        self.transcript.append(user(text))
+        await self.update(turntaking="agent_turn")
+        return await self.request()
+
+    async def ask(self, text: str, timeout: float = 15.0) -> ResponseTurn:
+        """:meth:`say`, then wait for the complete reply."""
+        return await self.response(await self.say(text), timeout)
+
+    async def remind(self, timeout: float = 15.0) -> ResponseTurn:
+        """The caller stays silent: a ``reminder_required``, and its complete reply."""
+        return await self.response(await self.request(reminder=True), timeout)
+
+    async def ping(self, timestamp: int | None = None, timeout: float = 5.0) -> float:
+        """Send ``ping_pong`` and wait for its echo; returns the round trip in seconds."""
+        ts = int(time.time() * 1000) if timestamp is None else timestamp
+        start = time.monotonic()
+        seen = len(self.frames)
+        await self.send({"interaction_type": "ping_pong", "timestamp": ts})
+
+        def echoed(frames: list[Frame]) -> bool:
+            return any(
+                f.get("response_type") == "ping_pong" and f.get("timestamp") == ts
+                for f in frames[seen:]
+            )
+
+        await self.wait_for(echoed, timeout)
+        return time.monotonic() - start
+
+    async def close(self) -> None:
+        await self._ws.close()

@@ -1,0 +1,66 @@
+"""Run any ASGI app on a loopback port inside the current event loop.
+
+Tests and benchmarks need real sockets (a real WebSocket handshake, a real
+HTTP stream the provider SDK must parse) without the cost and flakiness of a
+subprocess. uvicorn can serve on a socket we bind ourselves, so port 0 gives a
+free port with no race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    **uvicorn_options: Any,
+) -> AsyncIterator[str]:
+    """Serve ``app`` until the block exits; yields its base URL, ``http://host:port``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 2,
+        "ws": "websockets-sansio",
+        **uvicorn_options,
+    }
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    # serve() takes over SIGINT/SIGTERM while it runs; a helper embedded in
+    # someone else's process (a test run, a bench) must leave them alone.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+
+    async def serve() -> None:
+        # uvicorn reports a failed startup (the lifespan raised) as SystemExit, which
+        # asyncio would re-raise out of the whole event loop: keep it in this task.
+        try:
+            await server.serve(sockets=[sock])
+        except SystemExit as exc:
+            raise RuntimeError("the ASGI app failed to start; its error is logged above") from exc
+
+    task = asyncio.create_task(serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn exited before it started")
+            await asyncio.sleep(0.005)
+        yield f"http://{host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            await task
+        sock.close()

@@ -1,0 +1,109 @@
+"""The ``callbrain`` command, run as a user runs it: a real process on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from callbrain.testing.client import RetellClient
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def callbrain(*args: str) -> list[str]:
+    return [sys.executable, "-m", "callbrain", *args]
+
+
+@pytest.fixture
+def served_example() -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """``callbrain serve`` with no agent file: the shipped clinic on the embedded model."""
+    port = free_port()
+    proc = subprocess.Popen(
+        callbrain("serve", "--port", str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            output = proc.communicate(timeout=5)[0] if proc.poll() is not None else ""
+            proc.kill()
+            pytest.fail(f"callbrain serve did not come up:\n{output}")
+        time.sleep(0.1)
+    yield port, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_serve_runs_the_shipped_agent_out_of_the_box(
+    served_example: tuple[int, subprocess.Popen[str]],
+) -> None:
+    port, proc = served_example
+
+    async def one_call() -> tuple[str, str, int]:
+        async with RetellClient.connect(f"ws://127.0.0.1:{port}/llm-websocket", "cli-call") as call:
+            await call.expect_config()
+            await call.send_call_details(
+                {"call_id": "cli-call", "retell_llm_dynamic_variables": {"first_name": "Sam"}}
+            )
+            greeting = await call.expect_begin()
+            reply = await call.ask("Hi, what time do you open on Monday?", timeout=60)
+            return greeting.text, reply.text, reply.completes
+
+    greeting, reply, completes = asyncio.run(one_call())
+    assert greeting.startswith("Hi Sam, thanks for calling Sunrise Clinic")
+    assert reply.strip() and completes == 1
+
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=15)[0]
+    assert "wss://<your-public-host>/llm-websocket" in output
+    assert f"ws://127.0.0.1:{port}/llm-websocket/{{call_id}}" in output
+    # Every log line of the call names it.
+    call_lines = [line for line in output.splitlines() if "call started" in line]
+    assert call_lines and all("call=cli-call" in line for line in call_lines)
+
+
+def test_serve_rejects_a_bad_agent_file_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nllm: {provider: openai, temprature: 1}\n")
+    result = subprocess.run(
+        callbrain("serve", "--agent", str(bad), "--port", str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+    assert result.returncode == 2
+    assert "bad.yaml" in result.stderr and "temprature" in result.stderr
+
+
+def test_version() -> None:
+    result = subprocess.run(callbrain("--version"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("callbrain ")

