@@ -10,7 +10,6 @@ agent's greeting and transcripts may hold empty or back-to-back turns.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncGenerator, Sequence
 from typing import ClassVar
 
@@ -25,11 +24,18 @@ from anthropic.types import (
 )
 from anthropic.types import Usage as AnthropicUsage
 
-from callbrain.llm.base import LLM, ChatChunk, ChatRequest, LLMError, Message, TextDelta, Usage
+from callbrain.llm.base import (
+    LLM,
+    ChatChunk,
+    ChatRequest,
+    LLMError,
+    Message,
+    TextDelta,
+    Usage,
+    resolve_api_key,
+    retryable_status,
+)
 from callbrain.llm.config import AnthropicConfig
-
-KEYLESS_PLACEHOLDER = "callbrain-no-key"
-"""Sent to keyless proxies behind ``base_url``: the SDK needs some credential."""
 
 CALL_STARTED = "(The call has started.)"
 """The user turn put before a conversation that does not start with one."""
@@ -52,7 +58,13 @@ class AnthropicLLM(LLM):
         # One client per LLM, so every call of an agent reuses its connection pool.
         # None lets the SDK fall back to ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL itself.
         self._client = anthropic.AsyncAnthropic(
-            api_key=_api_key(config),
+            api_key=resolve_api_key(
+                provider="anthropic",
+                configured=config.api_key,
+                key_envs=("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
+                base_url=config.base_url,
+                base_url_env="ANTHROPIC_BASE_URL",
+            ),
             base_url=config.base_url or None,
             max_retries=config.max_retries,
         )
@@ -144,26 +156,6 @@ def _input_tokens(usage: AnthropicUsage | MessageDeltaUsage) -> int | None:
     return usage.input_tokens + cached
 
 
-def _api_key(config: AnthropicConfig) -> str | None:
-    """The key to hand the SDK, or None to let it read the environment."""
-    if config.api_key or _env("ANTHROPIC_API_KEY") or _env("ANTHROPIC_AUTH_TOKEN"):
-        return config.api_key or None
-    if config.base_url or _env("ANTHROPIC_BASE_URL"):
-        return KEYLESS_PLACEHOLDER
-    raise ValueError(
-        "The anthropic LLM needs an API key: set llm.api_key in the agent file or the "
-        "ANTHROPIC_API_KEY environment variable."
-    )
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(name) or None
-
-
-def _retryable_status(status: int) -> bool:
-    return status in (408, 409, 429) or status >= 500  # 529 is "overloaded"
-
-
 def _translate(exc: anthropic.APIError) -> LLMError:
     name = type(exc).__name__
     # An `event: error` inside a 200 stream arrives as an APIStatusError that
@@ -174,6 +166,6 @@ def _translate(exc: anthropic.APIError) -> LLMError:
             f"anthropic: HTTP {status} {name}: {exc.message}",
             provider="anthropic",
             status=status,
-            retryable=_retryable_status(status),
+            retryable=retryable_status(status),
         )
     return LLMError(f"anthropic: {name}: {exc.message}", provider="anthropic", retryable=True)

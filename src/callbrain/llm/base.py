@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
@@ -89,6 +90,40 @@ class LLMError(Exception):
         self.provider = provider
         self.status = status
         self.retryable = retryable
+
+
+def retryable_status(status: int) -> bool:
+    """HTTP statuses where another try may succeed: timeout, conflict, rate limit,
+    server errors (including Anthropic's 529 "overloaded")."""
+    return status in (408, 409, 429) or status >= 500
+
+
+KEYLESS_PLACEHOLDER = "callbrain-no-key"
+"""Sent to keyless servers (Ollama, llama.cpp, proxies): the SDKs refuse to start without a key."""
+
+
+def resolve_api_key(
+    *,
+    provider: str,
+    configured: str | None,
+    key_envs: tuple[str, ...],
+    base_url: str | None,
+    base_url_env: str,
+) -> str | None:
+    """The key to hand a provider SDK, or None to let the SDK read its own variable.
+
+    Fails at start-up, with the names to set, rather than on the first call.
+    """
+    if configured:
+        return configured
+    if any(os.environ.get(name) for name in key_envs):
+        return None
+    if base_url or os.environ.get(base_url_env):
+        return KEYLESS_PLACEHOLDER
+    raise ValueError(
+        f"The {provider} LLM needs an API key: set llm.api_key in the agent file or the "
+        f"{key_envs[0]} environment variable (or set llm.base_url for a keyless server)."
+    )
 
 
 class LLMTimeoutError(LLMError):

@@ -54,7 +54,15 @@ from typing import Any
 
 import xllamacpp as xlc
 
-from callbrain.llm.base import LLM, ChatChunk, ChatRequest, LLMError, TextDelta, Usage
+from callbrain.llm.base import (
+    LLM,
+    ChatChunk,
+    ChatRequest,
+    LLMError,
+    TextDelta,
+    Usage,
+    retryable_status,
+)
 from callbrain.llm.config import LocalConfig
 
 logger = logging.getLogger("callbrain.llm.local")
@@ -114,7 +122,7 @@ def _error_from_llama(error: dict[str, Any]) -> LLMError:
         f"local: llama.cpp {error.get('type', 'error')} ({code}): {error.get('message')}",
         provider=PROVIDER,
         status=status,
-        retryable=status is not None and (status == 429 or status >= 500),
+        retryable=status is not None and retryable_status(status),
     )
 
 

@@ -9,20 +9,25 @@ its parameters, its chunks to neutral chunks, and its errors to
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncGenerator
 from typing import ClassVar, TypeVar
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from callbrain.llm.base import LLM, ChatChunk, ChatRequest, LLMError, TextDelta, Usage
+from callbrain.llm.base import (
+    LLM,
+    ChatChunk,
+    ChatRequest,
+    LLMError,
+    TextDelta,
+    Usage,
+    resolve_api_key,
+    retryable_status,
+)
 from callbrain.llm.config import OpenAIConfig
 
 _T = TypeVar("_T")
-
-KEYLESS_PLACEHOLDER = "callbrain-no-key"
-"""Sent to keyless local servers: the SDK refuses to start without some key."""
 
 
 class OpenAILLM(LLM):
@@ -40,7 +45,13 @@ class OpenAILLM(LLM):
         # One client per LLM, so every call of an agent reuses its connection pool.
         # None lets the SDK fall back to OPENAI_API_KEY / OPENAI_BASE_URL itself.
         self._client = openai.AsyncOpenAI(
-            api_key=_api_key(config),
+            api_key=resolve_api_key(
+                provider="openai",
+                configured=config.api_key,
+                key_envs=("OPENAI_API_KEY",),
+                base_url=config.base_url,
+                base_url_env="OPENAI_BASE_URL",
+            ),
             base_url=config.base_url or None,
             max_retries=config.max_retries,
         )
@@ -77,18 +88,6 @@ class OpenAILLM(LLM):
         await self._client.close()
 
 
-def _api_key(config: OpenAIConfig) -> str | None:
-    """The key to hand the SDK, or None to let it read ``OPENAI_API_KEY``."""
-    if config.api_key or os.environ.get("OPENAI_API_KEY"):
-        return config.api_key or None
-    if config.base_url or os.environ.get("OPENAI_BASE_URL"):
-        return KEYLESS_PLACEHOLDER
-    raise ValueError(
-        "The openai LLM needs an API key: set llm.api_key in the agent file or the "
-        "OPENAI_API_KEY environment variable (or set llm.base_url for a keyless local server)."
-    )
-
-
 def _messages(request: ChatRequest) -> list[ChatCompletionMessageParam]:
     messages: list[ChatCompletionMessageParam] = []
     if request.system:
@@ -106,10 +105,6 @@ def _given(value: _T | None) -> _T | openai.Omit:
     return openai.omit if value is None else value
 
 
-def _retryable_status(status: int) -> bool:
-    return status in (408, 409, 429) or status >= 500
-
-
 def _translate(exc: openai.APIError) -> LLMError:
     name = type(exc).__name__
     if isinstance(exc, openai.APIStatusError):
@@ -118,7 +113,7 @@ def _translate(exc: openai.APIError) -> LLMError:
             f"openai: HTTP {status} {name}: {exc.message}",
             provider="openai",
             status=status,
-            retryable=_retryable_status(status),
+            retryable=retryable_status(status),
         )
     # Connection errors and SDK timeouts (APITimeoutError is a connection
     # error), and errors the server reported inside an open stream.

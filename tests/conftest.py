@@ -1,0 +1,57 @@
+"""Fixtures for the remote-backend tests: a module declares which backend with a
+``backend`` fixture (or parametrizes it) and gets a running fake and a factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from support import RemoteBackend
+
+from callbrain.llm import LLM
+from callbrain.testing.fake_llm import FakeLLMServer
+
+MakeLLM = Callable[..., Any]
+
+
+@pytest.fixture
+def _clean_provider_env(backend: RemoteBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own provider settings must not leak into these tests."""
+    for name in backend.env:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(backend: RemoteBackend) -> AsyncIterator[FakeLLMServer]:
+    async with backend.fake() as running:
+        yield running
+
+
+@pytest.fixture
+def fake(server: FakeLLMServer, _clean_provider_env: None) -> FakeLLMServer:
+    server.reset()
+    return server
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def make_llm(backend: RemoteBackend, fake: FakeLLMServer) -> AsyncIterator[MakeLLM]:
+    """Builds the backend against the fake: no retries unless asked, a test key."""
+    made: list[LLM] = []
+
+    def make(**overrides: Any) -> Any:
+        options = {
+            "provider": backend.name,
+            "base_url": fake.base_url,
+            "api_key": "test-key",
+            "max_retries": 0,
+            **overrides,
+        }
+        llm = backend.llm(backend.config.model_validate(options))  # type: ignore[call-arg]
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        await llm.aclose()
