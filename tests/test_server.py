@@ -12,7 +12,9 @@ from websockets.asyncio.client import connect
 
 from callbrain import create_app
 from callbrain.agent import Agent
+from callbrain.llm import ChatRequest, TextDelta
 from callbrain.llm.config import OpenAIConfig
+from callbrain.llm.openai import OpenAILLM
 from callbrain.testing.agent_server import serve_agent
 from callbrain.testing.client import RetellClient
 from callbrain.testing.fake_llm import FakeOpenAIServer, Reply
@@ -92,3 +94,20 @@ async def test_startup_fails_loudly_without_an_api_key(monkeypatch: pytest.Monke
     with pytest.raises(RuntimeError, match="failed to start"):
         async with serve_asgi(app):
             pass
+
+
+async def test_a_model_passed_in_is_shared_and_left_open() -> None:
+    async with FakeOpenAIServer(Reply("From the shared client."), Reply("Still open.")) as fake:
+        agent = agent_for(fake)
+        shared = OpenAILLM(agent.llm)  # type: ignore[arg-type]
+        try:
+            async with serve_agent(agent, llm=shared) as url, RetellClient.connect(url) as call:
+                await call.expect_config()
+                await call.expect_begin()
+                assert (await call.ask("Hi")).text == "From the shared client."
+            # The app has shut down; the client it was given still belongs to us.
+            async with shared.chat(ChatRequest(system="", messages=())) as stream:
+                text = [c.text async for c in stream if isinstance(c, TextDelta)]
+            assert "".join(text) == "Still open."
+        finally:
+            await shared.aclose()

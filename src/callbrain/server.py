@@ -38,22 +38,33 @@ DEFAULT_PREFIX = "/llm-websocket"
 
 
 class AgentRuntime:
-    """What the app shares between calls: the agent and its one model client."""
+    """What the app shares between calls: the agent and its one model client.
+
+    The model is built (unless one was given) and warmed up once, before the
+    first call that needs it. A model passed in belongs to the caller and is not
+    closed here.
+    """
 
     def __init__(self, agent: Agent, llm: LLM | None = None) -> None:
         self.agent = agent
-        self._llm = llm
+        self._given = llm
+        self._ready: LLM | None = None
         self._lock = asyncio.Lock()
         self.active_calls = 0
 
     async def get_llm(self) -> LLM:
-        if self._llm is None:
+        if self._ready is None:
             async with self._lock:
-                if self._llm is None:
-                    llm = create_llm(self.agent.llm)
-                    await llm.warmup(self._typical_request())
-                    self._llm = llm
-        return self._llm
+                if self._ready is None:
+                    llm = self._given or create_llm(self.agent.llm)
+                    try:
+                        await llm.warmup(self._typical_request())
+                    except BaseException:
+                        if self._given is None:
+                            await llm.aclose()
+                        raise
+                    self._ready = llm
+        return self._ready
 
     def _typical_request(self) -> ChatRequest:
         """The agent's first turn as most calls will send it, for prefix caches."""
@@ -67,9 +78,9 @@ class AgentRuntime:
         return request
 
     async def aclose(self) -> None:
-        if self._llm is not None:
-            await self._llm.aclose()
-            self._llm = None
+        ready, self._ready = self._ready, None
+        if ready is not None and self._given is None:
+            await ready.aclose()
 
 
 class _StarletteTransport:
