@@ -28,7 +28,7 @@ from callbrain.llm import (
     Usage,
     local,
 )
-from callbrain.llm.local import LocalLLM, default_model_path
+from callbrain.llm.local import ContextOverflowError, LocalLLM, default_model_path
 
 REQUEST = ChatRequest(
     system="You are the receptionist at Bright Smile Dental. Answer in one short sentence.",
@@ -195,13 +195,33 @@ async def test_concurrent_first_calls_load_the_model_once_off_the_loop(
         await collect(fresh)
 
 
-async def test_prompt_longer_than_the_context_is_an_llm_error(llm: LocalLLM) -> None:
+async def test_one_message_longer_than_the_context_is_an_llm_error(llm: LocalLLM) -> None:
     too_long = ChatRequest(system="", messages=(Message("user", "hello " * 1500),))
-    with pytest.raises(LLMError, match="exceed") as caught:
+    with pytest.raises(ContextOverflowError, match="exceed") as caught:
         await collect(llm, too_long)
     assert caught.value.provider == "local"
     assert caught.value.status == 400
     assert not caught.value.retryable
+
+
+async def test_a_long_call_drops_its_oldest_turns_to_fit(caplog: pytest.LogCaptureFixture) -> None:
+    # A small context keeps this fast: ~600 tokens of earlier turns in a 256-token slot.
+    small = LocalLLM(
+        LocalConfig(provider="local", n_ctx=256, n_parallel=1, n_threads=1, max_tokens=4)
+    )
+    history = tuple(
+        Message("user" if i % 2 == 0 else "assistant", f"Turn {i}: fine, thanks, noted.")
+        for i in range(40)
+    )
+    long_call = ChatRequest(system="", messages=(*history, Message("user", "Which day?")))
+    try:
+        chunks = await collect(small, long_call)
+    finally:
+        await small.aclose()
+    assert text_of(chunks)
+    usage = [c for _, c in chunks if isinstance(c, Usage)]
+    assert usage and usage[0].input_tokens < 256
+    assert "retrying with the latest" in caplog.text
 
 
 def test_request_body_maps_roles_and_sets_only_given_sampling() -> None:

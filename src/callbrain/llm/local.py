@@ -24,8 +24,9 @@ Limits worth knowing before pointing a phone line at it:
 * **Tool calls** will depend on each model's chat template (a later issue);
   this backend only streams text today.
 * **Context.** llama.cpp splits ``n_ctx`` evenly across the ``n_parallel``
-  slots, so each call gets ``n_ctx / n_parallel`` tokens. A longer prompt is an
-  :class:`LLMError` (llama.cpp's ``exceed_context_size_error``).
+  slots, so each call gets ``n_ctx / n_parallel`` tokens. When a conversation
+  outgrows that, its oldest turns are dropped until it fits; a single message
+  that does not fit is a :class:`ContextOverflowError`.
 * **Loading freezes Python.** ``xllamacpp.Server()`` holds the GIL for the whole
   load, so even from a worker thread it stalls the event loop (~0.3 s for the
   135M model, seconds for multi-GB ones). Call :meth:`LocalLLM.warmup` at start
@@ -114,11 +115,16 @@ def _has_gpu() -> bool:
     )
 
 
+class ContextOverflowError(LLMError):
+    """The prompt does not fit the context of one slot (``n_ctx / n_parallel``)."""
+
+
 def _error_from_llama(error: dict[str, Any]) -> LLMError:
     """llama.cpp's OpenAI-style ``{"code", "message", "type"}`` error as an LLMError."""
     code = error.get("code")
     status = code if isinstance(code, int) else None
-    return LLMError(
+    kind = ContextOverflowError if error.get("type") == "exceed_context_size_error" else LLMError
+    return kind(
         f"local: llama.cpp {error.get('type', 'error')} ({code}): {error.get('message')}",
         provider=PROVIDER,
         status=status,
@@ -272,6 +278,27 @@ class LocalLLM(LLM):
         return body
 
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
+        # A long call outgrows a small context. Rather than fail every turn from
+        # then on, drop the oldest half of the conversation and try again: the
+        # overflow is reported before any text, so nothing is said twice.
+        messages = request.messages
+        while True:
+            try:
+                async for chunk in self._complete(ChatRequest(request.system, messages)):
+                    yield chunk
+                return
+            except ContextOverflowError:
+                if len(messages) <= 1:
+                    raise
+                messages = messages[len(messages) // 2 :]
+                logger.warning(
+                    "the conversation does not fit the context (%d tokens per slot); "
+                    "retrying with the latest %d messages",
+                    self.config.n_ctx // self.config.n_parallel,
+                    len(messages),
+                )
+
+    async def _complete(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[_Item] = asyncio.Queue()
         gone = threading.Event()  # set when nobody reads any more: stop generating
