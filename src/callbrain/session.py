@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Protocol
 
 from callbrain.agent import Agent
@@ -185,6 +186,8 @@ class CallSession:
     async def _respond(self, frame: TurnRequest) -> None:
         rid = frame.response_id
         reminder = isinstance(frame, ReminderRequired)
+        started = time.perf_counter()
+        first_text: float | None = None
         spoke = False
         failed = False
         try:
@@ -199,8 +202,11 @@ class CallSession:
                 logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
             async with self.llm.chat(request) as stream:
                 async for chunk in stream:
-                    if isinstance(chunk, TextDelta) and chunk.text:
-                        spoke = await self._send_response(rid, chunk.text, complete=False) or spoke
+                    if not isinstance(chunk, TextDelta) or not chunk.text:
+                        continue
+                    if await self._send_response(rid, chunk.text, complete=False):
+                        spoke = True
+                        first_text = first_text or time.perf_counter()
         except LLMError as exc:
             failed = True
             logger.warning("response %d: model failed: %s", rid, exc)
@@ -211,7 +217,15 @@ class CallSession:
         final = ""
         if failed:
             final = (" " if spoke else "") + self.agent.fallback_message
-        await self._send_response(rid, final, complete=True)
+        if await self._send_response(rid, final, complete=True):
+            logger.info(
+                "response %d%s complete: first text %s ms, done %.0f ms%s",
+                rid,
+                " (reminder)" if reminder else "",
+                "-" if first_text is None else f"{(first_text - started) * 1000:.0f}",
+                (time.perf_counter() - started) * 1000,
+                ", with fallback" if failed else "",
+            )
 
     async def _send_response(self, response_id: int, content: str, *, complete: bool) -> bool:
         """Send content for ``response_id`` if it is still the live one; True if sent."""
