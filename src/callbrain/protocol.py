@@ -188,9 +188,12 @@ class _Actions(_Outbound):
 
     @model_validator(mode="after")
     def _one_action(self) -> _Actions:
-        actions = [self.end_call is True, self.transfer_number is not None]
-        actions.append(self.digit_to_press is not None)
-        if sum(actions) > 1:
+        chosen = (
+            self.end_call is True,
+            self.transfer_number is not None,
+            self.digit_to_press is not None,
+        )
+        if sum(chosen) > 1:
             raise ValueError("end_call, transfer_number and digit_to_press are mutually exclusive")
         return self
 

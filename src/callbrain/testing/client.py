@@ -74,6 +74,7 @@ class RetellClient:
         self.latest_response_id = 0
         self.close_code: int | None = None
         self._ids = itertools.count(1)
+        self._cursor = 0  # next_frame()'s position in frames
         self._changed = asyncio.Condition()
         self._reader = asyncio.create_task(self._read())
 
@@ -126,7 +127,7 @@ class RetellClient:
 
     async def next_frame(self, timeout: float = 10.0) -> Frame:
         """The first frame not yet returned by this method."""
-        index = getattr(self, "_cursor", 0)
+        index = self._cursor
         await self.wait_for(lambda frames: len(frames) > index, timeout)
         self._cursor = index + 1
         return self.frames[index]
