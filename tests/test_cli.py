@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from callbrain.agent import Agent, example_agent_path
 from callbrain.testing.client import RetellClient
 
 
@@ -107,3 +108,11 @@ def test_serve_rejects_a_bad_agent_file_clearly(tmp_path: Path) -> None:
 def test_version() -> None:
     result = subprocess.run(callbrain("--version"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("callbrain ")
+
+
+def test_example_prints_a_loadable_agent_file(tmp_path: Path) -> None:
+    result = subprocess.run(callbrain("example"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(result.stdout)
+    assert Agent.from_yaml(copy) == Agent.from_yaml(example_agent_path())

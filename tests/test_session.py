@@ -229,6 +229,21 @@ async def test_superseded_before_the_first_token_sends_nothing(fake: FakeOpenAIS
         assert call.response_turn(old).frames == []
 
 
+async def test_the_troubleshooting_guides_bare_request_gets_an_answer(
+    fake: FakeOpenAIServer,
+) -> None:
+    # Retell's troubleshooting guide tests a server with exactly this frame.
+    fake.script(Reply("Hello, how can I help?"))
+    async with start_call(make_agent(fake, begin_message="")) as call:
+        await greeted_call(call)
+        await call.send('{"interaction_type":"response_required","response_id":1,"transcript":[]}')
+        turn = await call.response(1)
+        assert turn.text == "Hello, how can I help?" and turn.completes == 1
+        assert fake.requests[0].body["messages"] == [
+            {"role": "system", "content": "You are Ava talking to there."}
+        ]
+
+
 async def test_update_only_does_not_supersede(fake: FakeOpenAIServer) -> None:
     fake.script(Reply("One, two, three, four.", chunk_delay=0.05))
     async with start_call(make_agent(fake)) as call:

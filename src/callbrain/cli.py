@@ -85,3 +85,9 @@ def serve(
         ws="websockets-sansio",
         lifespan="on",
     )
+
+
+@app.command()
+def example() -> None:
+    """Print the shipped example agent file, to start your own: callbrain example > my.yaml"""
+    typer.echo(example_agent_path().read_text(encoding="utf-8"), nl=False)
