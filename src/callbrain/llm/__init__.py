@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from callbrain.llm.base import (
-    LLM,
+from callbrain.llm.base import LLM, LLMError, LLMStream, LLMTimeoutError
+from callbrain.llm.chat import (
     ChatChunk,
+    ChatItem,
     ChatRequest,
-    LLMError,
-    LLMStream,
-    LLMTimeoutError,
     Message,
     TextDelta,
+    ToolCall,
+    ToolOutput,
+    ToolSpec,
     Usage,
 )
 from callbrain.llm.config import AnthropicConfig, LLMConfig, LocalConfig, OpenAIConfig
@@ -19,6 +20,7 @@ __all__ = [
     "LLM",
     "AnthropicConfig",
     "ChatChunk",
+    "ChatItem",
     "ChatRequest",
     "LLMConfig",
     "LLMError",
@@ -28,6 +30,9 @@ __all__ = [
     "Message",
     "OpenAIConfig",
     "TextDelta",
+    "ToolCall",
+    "ToolOutput",
+    "ToolSpec",
     "Usage",
     "create_llm",
 ]

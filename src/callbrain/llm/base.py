@@ -1,7 +1,8 @@
 """One provider-neutral streaming interface for every model callbrain can drive.
 
 Every backend turns its own wire format into a single async stream of neutral
-chunks (:class:`TextDelta`, :class:`Usage`; tool calls will join them). The call
+chunks (:class:`TextDelta`, :class:`ToolCall`, :class:`Usage`; see
+:mod:`callbrain.llm.chat`). The call
 session only ever sees that stream, so barge-in handling, apologies and metrics
 are written once, not once per provider.
 
@@ -27,47 +28,38 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar, Literal
+from typing import ClassVar
+
+from callbrain.llm.chat import (
+    ChatChunk,
+    ChatItem,
+    ChatRequest,
+    Message,
+    TextDelta,
+    ToolCall,
+    ToolOutput,
+    ToolSpec,
+    Usage,
+)
+
+__all__ = [
+    "LLM",
+    "ChatChunk",
+    "ChatItem",
+    "ChatRequest",
+    "LLMError",
+    "LLMStream",
+    "LLMTimeoutError",
+    "Message",
+    "StreamMetrics",
+    "TextDelta",
+    "ToolCall",
+    "ToolOutput",
+    "ToolSpec",
+    "Usage",
+]
 
 logger = logging.getLogger("callbrain.llm")
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One conversation turn in provider-neutral form."""
-
-    role: Literal["user", "assistant"]
-    content: str
-
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    """Everything a backend needs for one completion.
-
-    The system prompt is kept apart from the messages because providers disagree
-    on where it goes (OpenAI: first message; Anthropic: a separate parameter).
-    """
-
-    system: str
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    """A piece of text to speak, in the order the model produced it."""
-
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts for the completion, when the provider reports them."""
-
-    input_tokens: int
-    output_tokens: int
-
-
-ChatChunk = TextDelta | Usage
 
 
 class LLMError(Exception):
@@ -144,6 +136,7 @@ class StreamMetrics:
     duration_s: float | None = None
     text_chunks: int = 0
     text_chars: int = 0
+    tool_calls: int = 0
     usage: Usage | None = None
     outcome: str = "open"
 
@@ -205,7 +198,8 @@ class LLMStream:
         return self
 
     async def __anext__(self) -> ChatChunk:
-        first = self.metrics.ttft_s is None
+        # A tool call counts as the model's first answer as much as text does.
+        first = self.metrics.ttft_s is None and self.metrics.tool_calls == 0
         deadline = self._llm.first_token_timeout if first else self._llm.idle_timeout
         try:
             async with asyncio.timeout(deadline):
@@ -240,6 +234,8 @@ class LLMStream:
                 m.ttft_s = time.perf_counter() - m.started
             m.text_chunks += 1
             m.text_chars += len(chunk.text)
+        elif isinstance(chunk, ToolCall):
+            m.tool_calls += 1
         else:
             m.usage = chunk
 
@@ -250,7 +246,7 @@ class LLMStream:
         m.outcome = outcome
         m.duration_s = time.perf_counter() - m.started
         logger.info(
-            "llm %s model=%s outcome=%s ttft_ms=%s duration_ms=%.0f chunks=%d chars=%d%s",
+            "llm %s model=%s outcome=%s ttft_ms=%s duration_ms=%.0f chunks=%d chars=%d%s%s",
             m.provider,
             m.model,
             outcome,
@@ -258,6 +254,7 @@ class LLMStream:
             m.duration_s * 1000,
             m.text_chunks,
             m.text_chars,
+            f" tool_calls={m.tool_calls}" if m.tool_calls else "",
             f" tokens_in={m.usage.input_tokens} tokens_out={m.usage.output_tokens}"
             if m.usage
             else "",
