@@ -14,6 +14,7 @@ from callbrain.testing.fake_llm import (
     FakeAnthropicServer,
     FakeLLMServer,
     FakeOpenAIServer,
+    FakeToolCall,
     RecordedRequest,
     Reply,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "FakeAnthropicServer",
     "FakeLLMServer",
     "FakeOpenAIServer",
+    "FakeToolCall",
     "RecordedRequest",
     "Reply",
     "ResponseTurn",

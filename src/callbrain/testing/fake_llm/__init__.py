@@ -27,12 +27,19 @@ reply features (tool calls) only add encoders.
 from __future__ import annotations
 
 from callbrain.testing.fake_llm.anthropic import FakeAnthropicServer
-from callbrain.testing.fake_llm.base import FakeLLMServer, Outcome, RecordedRequest, Reply
+from callbrain.testing.fake_llm.base import (
+    FakeLLMServer,
+    FakeToolCall,
+    Outcome,
+    RecordedRequest,
+    Reply,
+)
 from callbrain.testing.fake_llm.openai import FakeOpenAIServer
 
 __all__ = [
     "FakeAnthropicServer",
     "FakeLLMServer",
+    "FakeToolCall",
     "FakeOpenAIServer",
     "Outcome",
     "RecordedRequest",

@@ -31,6 +31,27 @@ JSONObject = dict[str, Any]
 _WORD = re.compile(r"\s*\S+\s*$|\s*\S+|\s+")
 
 
+@dataclass(frozen=True)
+class FakeToolCall:
+    """A tool call for a :class:`Reply` to make, after its text.
+
+    ``arguments`` as a dict is sent as JSON; as a string it is sent verbatim, so
+    a test can script malformed arguments. ``id`` defaults to a provider-shaped
+    id that is unique per request and position.
+    """
+
+    name: str
+    arguments: str | dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+
+    @property
+    def arguments_text(self) -> str:
+        """The arguments as the wire carries them."""
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return json.dumps(self.arguments, separators=(",", ":"))
+
+
 @dataclass
 class Reply:
     """One scripted completion: what to say, how fast, and how to fail.
@@ -41,6 +62,10 @@ class Reply:
     """
 
     text: str | Sequence[str] = "OK."
+    tool_calls: Sequence[FakeToolCall] = ()
+    """Tool calls made after the text, in order (several make a parallel call).
+    Each counts as one content chunk for ``ttft``, ``chunk_delay``,
+    ``stall_after`` and ``drop_after``."""
     ttft: float = 0.0
     """Seconds from the request to the first content chunk. The HTTP status,
     headers and content-free preamble events go out at once, as real providers
@@ -73,6 +98,11 @@ class Reply:
     def full_text(self) -> str:
         """What a client should see once it has joined every delta."""
         return "".join(self.deltas)
+
+    @property
+    def items(self) -> list[str | FakeToolCall]:
+        """Every content chunk in sending order: text deltas, then tool calls."""
+        return [*self.deltas, *self.tool_calls]
 
 
 @dataclass
@@ -302,13 +332,18 @@ class FakeLLMServer(ABC):
         try:
             for frame in self._stream_head(recorded):
                 yield frame
-            for n, delta in enumerate(reply.deltas):
+            items = reply.items
+            for n, item in enumerate(items):
                 await self._gate(reply, n)
                 await self._pause(reply.ttft if n == 0 else reply.chunk_delay)
-                yield self._stream_delta(recorded, delta)
+                if isinstance(item, str):
+                    yield self._stream_delta(recorded, item)
+                else:
+                    for frame in self._stream_tool_call(recorded, n - len(reply.deltas), item):
+                        yield frame
                 recorded.chunks_sent += 1
                 self._notify()
-            await self._gate(reply, len(reply.deltas))
+            await self._gate(reply, len(items))
             for frame in self._stream_tail(recorded):
                 yield frame
             self._settle(recorded, "completed")
@@ -359,6 +394,12 @@ class FakeLLMServer(ABC):
     @abstractmethod
     def _stream_delta(self, recorded: RecordedRequest, text: str) -> bytes:
         """The SSE frame carrying one content chunk."""
+
+    @abstractmethod
+    def _stream_tool_call(
+        self, recorded: RecordedRequest, position: int, call: FakeToolCall
+    ) -> list[bytes]:
+        """The SSE frames carrying tool call number ``position`` (from 0) of the reply."""
 
     @abstractmethod
     def _stream_tail(self, recorded: RecordedRequest) -> list[bytes]:
