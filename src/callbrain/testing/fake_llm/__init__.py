@@ -39,8 +39,8 @@ from callbrain.testing.fake_llm.openai import FakeOpenAIServer
 __all__ = [
     "FakeAnthropicServer",
     "FakeLLMServer",
-    "FakeToolCall",
     "FakeOpenAIServer",
+    "FakeToolCall",
     "Outcome",
     "RecordedRequest",
     "Reply",
