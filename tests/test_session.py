@@ -304,7 +304,7 @@ async def test_dropped_stream_keeps_what_was_said_then_apologises(fake: FakeOpen
     async with start_call(make_agent(fake)) as call:
         await greeted_call(call)
         turn = await call.ask("Hours?")
-        assert turn.text == "We are open  " + FALLBACK
+        assert turn.text == "We are open " + FALLBACK  # one space, not two
         assert turn.completes == 1
 
 
@@ -322,7 +322,7 @@ async def test_idle_deadline_mid_answer_speaks_the_fallback(fake: FakeOpenAIServ
     async with start_call(make_agent(fake, idle_timeout_s=0.3)) as call:
         await greeted_call(call)
         turn = await call.ask("Where are you?")
-        assert turn.text == "Our address  " + FALLBACK and turn.completes == 1
+        assert turn.text == "Our address " + FALLBACK and turn.completes == 1
 
 
 async def test_next_turn_works_after_a_failure(fake: FakeOpenAIServer) -> None:

@@ -17,10 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    ValidationError,
+    model_validator,
+)
 
 from callbrain.conversation import DEFAULT_REMINDER_PROMPT
 from callbrain.llm.config import LLMConfig, LocalConfig
+from callbrain.tools.base import Tool
+from callbrain.tools.config import ToolConfig, build_tools
+
+DEFAULT_HOLDING_MESSAGES = (
+    "One moment.",
+    "Let me check that.",
+    "Just a second.",
+    "Let me look that up.",
+)
+DEFAULT_FILLER_MESSAGE = "Thanks for waiting, this is taking a little longer than usual."
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -62,6 +79,16 @@ class Agent(BaseModel):
     call_details_timeout_s: float = Field(default=2.0, gt=0, le=6)
     """Greet anyway after this long, so the agent is never mute (Retell gives up at 7 s)."""
     max_history_messages: int = Field(default=40, ge=1)
+    tools: list[ToolConfig | InstanceOf[Tool]] = Field(default_factory=list)
+    """Declarations (see :mod:`callbrain.tools.config`) or :class:`~callbrain.tools.Tool`
+    objects, e.g. functions decorated with :func:`~callbrain.tools.tool`."""
+    max_tool_steps: int = Field(default=5, ge=1, le=20)
+    """Rounds of tool calls per turn; past it the fallback line ends the turn."""
+    holding_messages: list[str] = Field(default_factory=lambda: list(DEFAULT_HOLDING_MESSAGES))
+    """Said in turn when the model calls a tool without a word first; [] for silence."""
+    tool_filler_after_s: float | None = Field(default=3.0, gt=0)
+    """Tools still running after this long get one filler line; null for never."""
+    tool_filler_message: str = DEFAULT_FILLER_MESSAGE
     retell_config: RetellConfig = Field(default_factory=RetellConfig)
     llm: LLMConfig = Field(default_factory=lambda: LocalConfig(provider="local"))
 
@@ -73,6 +100,10 @@ class Agent(BaseModel):
                 "(otherwise Retell never sends them)"
             )
         return self
+
+    def build_tools(self) -> dict[str, Tool]:
+        """The agent's tools by name, importing any Python references now."""
+        return build_tools(self.tools)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Agent:
@@ -102,12 +133,20 @@ class Agent(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             lines = [
-                f"  {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
+                f"  {_location(err['loc'])}: {err['msg']}"
                 for err in exc.errors(include_url=False)
+                # A tools entry may also be a Python Tool object; a file never holds one.
+                if not any(str(part).startswith("is-instance[") for part in err["loc"])
             ]
             raise AgentConfigError(
                 f"{source}: invalid agent definition\n" + "\n".join(lines)
             ) from None
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """``tools.0.number``, without pydantic's union bookkeeping in between."""
+    parts = [str(p) for p in loc if not str(p).startswith(("tagged-union[", "is-instance["))]
+    return ".".join(parts) or "<top>"
 
 
 def example_agent_path() -> Path:

@@ -46,9 +46,24 @@ class Action:
 
     kind: ActionKind
     message: str = ""
+    """Said before the action runs."""
+    default_message: str = ""
+    """Said instead when ``message`` is empty and nothing else was said this turn."""
     transfer_number: str | None = None
     show_transferee_as_caller: bool = False
     digits: str | None = None
+
+    def line(self, *, spoke: bool) -> str:
+        """What to say with the action, given whether the turn has spoken already.
+
+        A transfer always says something: Retell staff report transfers lost
+        when ``transfer_number`` rode only on a trailing empty frame, so it gets
+        a frame with content. Hanging up on an empty frame is documented to work,
+        so a goodbye already said is not repeated.
+        """
+        if self.message or self.kind == "transfer" or not spoke:
+            return self.message or self.default_message
+        return ""
 
     def frame_fields(self) -> dict[str, Any]:
         """The fields this action sets on a ``response`` / ``agent_interrupt`` frame."""

@@ -26,11 +26,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from callbrain.agent import Agent
+from callbrain.call_control import CallHook
 from callbrain.conversation import build_chat_request, render_template
 from callbrain.llm import LLM, ChatRequest, create_llm
 from callbrain.logs import call_id_var
 from callbrain.protocol import Utterance
 from callbrain.session import CLOSE_INTERNAL_ERROR, CallSession
+from callbrain.tools.idempotency import IdempotencyStore, MemoryIdempotencyStore
 
 logger = logging.getLogger("callbrain.server")
 
@@ -38,15 +40,20 @@ DEFAULT_PREFIX = "/llm-websocket"
 
 
 class AgentRuntime:
-    """What the app shares between calls: the agent and its one model client.
+    """What the app shares between calls: the agent, its tools, its idempotency
+    store and its one model client.
 
-    The model is built (unless one was given) and warmed up once, before the
-    first call that needs it. A model passed in belongs to the caller and is not
-    closed here.
+    Tools are built at once, so a broken reference fails the start-up. The model
+    is built (unless one was given) and warmed up once, before the first call
+    that needs it. A model passed in belongs to the caller and is not closed here.
     """
 
-    def __init__(self, agent: Agent, llm: LLM | None = None) -> None:
+    def __init__(
+        self, agent: Agent, llm: LLM | None = None, store: IdempotencyStore | None = None
+    ) -> None:
         self.agent = agent
+        self.tools = agent.build_tools()
+        self.store = store if store is not None else MemoryIdempotencyStore()
         self._given = llm
         self._ready: LLM | None = None
         self._lock = asyncio.Lock()
@@ -74,6 +81,7 @@ class AgentRuntime:
             transcript=[Utterance(role="agent", content=greeting)] if greeting.strip() else [],
             variables=self.agent.dynamic_variables,
             max_messages=self.agent.max_history_messages,
+            tools=[tool.spec for tool in self.tools.values()],
         )
         return request
 
@@ -81,6 +89,8 @@ class AgentRuntime:
         ready, self._ready = self._ready, None
         if ready is not None and self._given is None:
             await ready.aclose()
+        for tool in self.tools.values():
+            await tool.aclose()
 
 
 class _StarletteTransport:
@@ -109,13 +119,23 @@ class _StarletteTransport:
         await self._ws.close(code)
 
 
-def create_app(agent: Agent, *, prefix: str = DEFAULT_PREFIX, llm: LLM | None = None) -> Starlette:
+def create_app(
+    agent: Agent,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    llm: LLM | None = None,
+    store: IdempotencyStore | None = None,
+    on_call_start: CallHook | None = None,
+) -> Starlette:
     """An ASGI app serving ``agent`` at ``{prefix}/{call_id}``, plus ``GET /healthz``.
 
     Pass ``llm`` to supply a ready model client (shared, or customised in code);
-    otherwise one is built from ``agent.llm``.
+    otherwise one is built from ``agent.llm``. ``store`` keeps side-effecting
+    tools' results (in memory by default). ``on_call_start`` is run for every
+    call with its :class:`~callbrain.call_control.CallControl`, e.g. to start
+    a background job that speaks up (``agent_interrupt``) when it is done.
     """
-    runtime = AgentRuntime(agent, llm)
+    runtime = AgentRuntime(agent, llm, store)
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
 
     async def llm_websocket(websocket: WebSocket) -> None:
@@ -130,7 +150,16 @@ def create_app(agent: Agent, *, prefix: str = DEFAULT_PREFIX, llm: LLM | None = 
                 logger.exception("cannot start the model for this call")
                 await websocket.close(CLOSE_INTERNAL_ERROR)
                 return
-            await CallSession(agent, model, _StarletteTransport(websocket), call_id).run()
+            session = CallSession(
+                agent,
+                model,
+                _StarletteTransport(websocket),
+                call_id,
+                tools=runtime.tools,
+                store=runtime.store,
+                on_call_start=on_call_start,
+            )
+            await session.run()
         finally:
             runtime.active_calls -= 1
             call_id_var.reset(token)

@@ -13,7 +13,13 @@ The rules it keeps, on every path including errors, timeouts and cancellation:
   after the newer request arrived, and no id is completed twice.
 * A live response always ends with exactly one ``content_complete: true``; if
   the model fails, the caller hears the agent's fallback line, never the error.
+  What a response does (speak, call tools, speak again) is :mod:`callbrain.turn`.
 * A malformed frame is logged and skipped; the call goes on.
+
+The session also owns what outlives a turn: the call's tool history (so the
+model knows what already ran, even in a turn cut short), the tool runner with
+its idempotency store, and the :class:`~callbrain.call_control.CallControl`
+handle that tools and application code use to reach the call.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from callbrain.agent import Agent
-from callbrain.conversation import build_chat_request, render_template
-from callbrain.llm.base import LLM, LLMError, TextDelta
+from callbrain.call_control import CallControl, CallHook
+from callbrain.conversation import ToolExchange, build_chat_request, render_template
+from callbrain.llm.base import LLM
 from callbrain.protocol import (
     CallDetails,
     ConfigFlags,
@@ -44,6 +52,10 @@ from callbrain.protocol import (
     encode,
     parse_inbound,
 )
+from callbrain.tools.base import Tool
+from callbrain.tools.idempotency import IdempotencyStore, MemoryIdempotencyStore
+from callbrain.tools.runner import ToolRun, ToolRunner
+from callbrain.turn import Turn
 
 logger = logging.getLogger("callbrain.session")
 
@@ -69,7 +81,19 @@ class Transport(Protocol):
 class CallSession:
     """Drives one call from the first ``config`` frame to the closed socket."""
 
-    def __init__(self, agent: Agent, llm: LLM, transport: Transport, call_id: str) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        llm: LLM,
+        transport: Transport,
+        call_id: str,
+        *,
+        tools: Mapping[str, Tool] | None = None,
+        store: IdempotencyStore | None = None,
+        on_call_start: CallHook | None = None,
+    ) -> None:
+        """``tools`` defaults to the agent's (built now); ``store`` to a private
+        in-memory one; ``on_call_start`` runs as a task once the call is up."""
         self.agent = agent
         self.llm = llm
         self.call_id = call_id
@@ -78,14 +102,26 @@ class CallSession:
         self.turntaking: str | None = None
         self.call: dict[str, object] | None = None
         self.variables: dict[str, str] = {**agent.dynamic_variables, "call_id": call_id}
+        self.tool_history: list[ToolExchange] = []
+        self.control = CallControl(call_id, self, self.variables, lambda: self.call)
+        self.runner = ToolRunner(
+            tools=agent.build_tools() if tools is None else tools,
+            store=store if store is not None else MemoryIdempotencyStore(),
+            control=self.control,
+            send=self.send_frame,
+            record=self._record_tool_run,
+        )
+        self._on_call_start = on_call_start
         # The begin message is response 0; every request from Retell has a higher id.
         self._latest_id = 0
         self._completed_id = -1
         self._turn: asyncio.Task[None] | None = None
         self._begin: asyncio.Task[None] | None = None
+        self._hook: asyncio.Task[None] | None = None
         self._details_arrived = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._open = True
+        self._holding_lines = 0
 
     # ------------------------------------------------------------------ main loop
 
@@ -101,6 +137,8 @@ class CallSession:
                 self._begin = asyncio.create_task(self._greet_after_details())
             else:
                 await self._greet()
+            if self._on_call_start is not None:
+                self._hook = asyncio.create_task(self._run_hook(self._on_call_start))
             while (raw := await self._transport.receive()) is not None:
                 await self._dispatch(raw)
         except Exception:
@@ -187,55 +225,82 @@ class CallSession:
         rid = frame.response_id
         reminder = isinstance(frame, ReminderRequired)
         started = time.perf_counter()
-        first_text: float | None = None
-        spoke = False
-        failed = False
-        try:
-            request, missing = build_chat_request(
-                system_prompt=self.agent.system_prompt,
-                transcript=frame.transcript,
-                variables=self.variables,
-                max_messages=self.agent.max_history_messages,
-                reminder_prompt=self.agent.reminder_prompt if reminder else None,
-            )
-            if missing:
-                logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
-            async with self.llm.chat(request) as stream:
-                async for chunk in stream:
-                    if not isinstance(chunk, TextDelta) or not chunk.text:
-                        continue
-                    if await self._send_response(rid, chunk.text, complete=False):
-                        spoke = True
-                        first_text = first_text or time.perf_counter()
-        except LLMError as exc:
-            failed = True
-            logger.warning("response %d: model failed: %s", rid, exc)
-        except Exception:
-            # CancelledError is not an Exception: a superseded turn ends silently here.
-            failed = True
-            logger.exception("response %d: unexpected error", rid)
-        final = ""
-        if failed:
-            final = (" " if spoke else "") + self.agent.fallback_message
-        if await self._send_response(rid, final, complete=True):
+        woven = frame.transcript_with_tool_calls
+        request, missing = build_chat_request(
+            system_prompt=self.agent.system_prompt,
+            transcript=frame.transcript,
+            variables=self.variables,
+            max_messages=self.agent.max_history_messages,
+            reminder_prompt=self.agent.reminder_prompt if reminder else None,
+            tools=[tool.spec for tool in self.runner.tools.values()],
+            history=self.tool_history,
+            woven=woven if self.agent.retell_config.transcript_with_tool_calls else None,
+        )
+        if missing:
+            logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
+        turn = Turn(
+            response_id=rid,
+            request=request,
+            anchor=len(frame.transcript),
+            agent=self.agent,
+            llm=self.llm,
+            runner=self.runner,
+            send=self._send_response,
+            holding_line=self._next_holding_line,
+        )
+        await turn.run()
+        report = turn.report
+        if rid == self._completed_id:
             logger.info(
-                "response %d%s complete: first text %s ms, done %.0f ms%s",
+                "response %d%s complete: first text %s ms, done %.0f ms%s%s%s",
                 rid,
                 " (reminder)" if reminder else "",
-                "-" if first_text is None else f"{(first_text - started) * 1000:.0f}",
+                "-" if report.first_text is None else f"{(report.first_text - started) * 1000:.0f}",
                 (time.perf_counter() - started) * 1000,
-                ", with fallback" if failed else "",
+                f", {report.tool_calls} tool call(s)" if report.tool_calls else "",
+                f", then {report.action}" if report.action else "",
+                ", with fallback" if report.failed else "",
             )
 
-    async def _send_response(self, response_id: int, content: str, *, complete: bool) -> bool:
-        """Send content for ``response_id`` if it is still the live one; True if sent."""
+    def _next_holding_line(self) -> str:
+        """The agent's holding lines in turn, so a caller does not hear the same one twice."""
+        lines = self.agent.holding_messages
+        if not lines:
+            return ""
+        self._holding_lines += 1
+        return lines[(self._holding_lines - 1) % len(lines)]
+
+    def _record_tool_run(self, run: ToolRun, anchor: int) -> None:
+        self.tool_history.append(ToolExchange(anchor, run.call, run.output))
+
+    async def _run_hook(self, hook: CallHook) -> None:
+        try:
+            await hook(self.control)
+        except Exception:
+            logger.exception("on_call_start hook failed; the call goes on")
+
+    async def _send_response(
+        self,
+        response_id: int,
+        content: str,
+        *,
+        complete: bool,
+        fields: dict[str, Any] | None = None,
+    ) -> bool:
+        """Send content for ``response_id`` if it is still the live one; True if sent.
+
+        ``fields`` are the frame's optional flags (actions, no_interruption_allowed).
+        """
         async with self._send_lock:
             if response_id != self._latest_id or response_id <= self._completed_id:
                 return False
             if not self._open:
                 return False
             frame = ResponseFrame(
-                response_id=response_id, content=content, content_complete=complete
+                response_id=response_id,
+                content=content,
+                content_complete=complete,
+                **(fields or {}),
             )
             if not await self._write(frame):
                 return False
@@ -244,9 +309,13 @@ class CallSession:
             return True
 
     async def _send(self, frame: OutboundFrame) -> None:
+        await self.send_frame(frame)
+
+    async def send_frame(self, frame: OutboundFrame) -> bool:
+        """Send a frame that belongs to no response (pong, tool bookkeeping,
+        agent_interrupt, update_agent, metadata); True if it went out."""
         async with self._send_lock:
-            if self._open:
-                await self._write(frame)
+            return self._open and await self._write(frame)
 
     async def _write(self, frame: OutboundFrame) -> bool:
         # Called with the send lock held. A socket that died under us ends the call
@@ -260,9 +329,11 @@ class CallSession:
         return True
 
     async def _stop_tasks(self) -> None:
-        tasks = [t for t in (self._turn, self._begin) if t is not None and not t.done()]
+        tasks = [t for t in (self._turn, self._begin, self._hook) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Side-effecting tools are never cut short; their results are stored for a reconnect.
+        await self.runner.aclose()

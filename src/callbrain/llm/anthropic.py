@@ -6,12 +6,28 @@ its errors to :class:`~callbrain.llm.base.LLMError`. It also repairs the
 conversation shape, because Anthropic (unlike OpenAI) insists that messages
 start with a user turn and alternate, while a phone call starts with the
 agent's greeting and transcripts may hold empty or back-to-back turns.
+
+Tool calls make that shape stricter. A call is a ``tool_use`` block inside the
+assistant turn, and its result is a ``tool_result`` block in the *user* turn
+right after it; there is no separate tool role as in OpenAI. So the outputs of
+one assistant turn become a single user message, and whatever the caller said
+next joins that message, after the results, because the API wants the
+``tool_result`` blocks first. Normalisation may merge text turns but never
+moves a call away from its result.
+
+In the stream a call's input arrives as ``input_json_delta`` fragments of its
+content block; they are joined per block index and the call is yielded, whole,
+at that block's ``content_block_stop``: as soon as it is complete, not at the
+end of the message, so text that follows does not hold it back. Text deltas
+still go out the moment they arrive.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Sequence
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import anthropic
 import httpx2
@@ -19,18 +35,28 @@ from anthropic.types import (
     MessageDeltaUsage,
     MessageParam,
     RawContentBlockDeltaEvent,
+    RawContentBlockStartEvent,
+    RawContentBlockStopEvent,
     RawMessageDeltaEvent,
     RawMessageStartEvent,
+    TextBlockParam,
+    ToolParam,
+    ToolResultBlockParam,
+    ToolUseBlockParam,
 )
 from anthropic.types import Usage as AnthropicUsage
 
 from callbrain.llm.base import (
     LLM,
     ChatChunk,
+    ChatItem,
     ChatRequest,
     LLMError,
     Message,
     TextDelta,
+    ToolCall,
+    ToolOutput,
+    ToolSpec,
     Usage,
     resolve_api_key,
     retryable_status,
@@ -73,12 +99,15 @@ class AnthropicLLM(LLM):
         config = self.config
         input_tokens: int | None = None
         output_tokens: int | None = None
+        # Open tool_use blocks by content block index: id, name, input fragments.
+        pending: dict[int, tuple[str, str, list[str]]] = {}
         try:
             stream = await self._client.messages.create(
                 model=config.model,
                 max_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
                 system=request.system or anthropic.omit,
-                messages=[_param(m) for m in normalize_messages(request.messages)],
+                messages=_params(normalize_messages(request.messages)),
+                tools=[_tool(spec) for spec in request.tools] if request.tools else anthropic.omit,
                 stream=True,
                 extra_body=_sampling(config) or None,
             )
@@ -89,6 +118,17 @@ class AnthropicLLM(LLM):
                     if isinstance(event, RawContentBlockDeltaEvent):
                         if event.delta.type == "text_delta" and event.delta.text:
                             yield TextDelta(event.delta.text)
+                        elif event.delta.type == "input_json_delta" and event.index in pending:
+                            pending[event.index][2].append(event.delta.partial_json)
+                    elif isinstance(event, RawContentBlockStartEvent):
+                        block = event.content_block
+                        if block.type == "tool_use":
+                            pending[event.index] = (block.id, block.name, [])
+                    elif isinstance(event, RawContentBlockStopEvent):
+                        if (done := pending.pop(event.index, None)) is not None:
+                            call_id, name, parts = done
+                            # A call without arguments streams no fragments.
+                            yield ToolCall(call_id, name, "".join(parts) or "{}")
                     elif isinstance(event, RawMessageStartEvent):
                         input_tokens = _input_tokens(event.message.usage)
                         output_tokens = event.message.usage.output_tokens
@@ -111,7 +151,17 @@ class AnthropicLLM(LLM):
         await self._client.close()
 
 
-def normalize_messages(messages: Sequence[Message]) -> list[Message]:
+@dataclass(slots=True)
+class _Turn:
+    """One speaker's stretch of the conversation while it is being merged."""
+
+    role: Literal["user", "assistant"]
+    texts: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    outputs: list[ToolOutput] = field(default_factory=list)
+
+
+def normalize_messages(messages: Sequence[ChatItem]) -> list[ChatItem]:
     """Reshape a conversation into what the messages API accepts.
 
     Drops empty turns, trims whitespace (a final assistant turn must not end
@@ -119,26 +169,122 @@ def normalize_messages(messages: Sequence[Message]) -> list[Message]:
     turn: a call usually opens with the agent's greeting, so a short
     placeholder user turn goes first, and an empty conversation becomes just
     that placeholder.
+
+    Tool outputs count as the user's side (that is where the API wants their
+    results), so a user turn here is the outputs answering the previous
+    assistant turn, in their order, then at most one user message; an assistant
+    turn is one message, its text first, then its calls in their order. Turns
+    alternate; calls and outputs are never dropped, only text is merged around
+    them.
     """
-    merged: list[Message] = []
-    for message in messages:
-        content = message.content.strip()
-        if not content:
+    turns: list[_Turn] = []
+
+    def turn_of(role: Literal["user", "assistant"]) -> _Turn:
+        if not turns or turns[-1].role != role:
+            turns.append(_Turn(role))
+        return turns[-1]
+
+    for item in messages:
+        if isinstance(item, ToolOutput):
+            turn_of("user").outputs.append(item)
             continue
-        if merged and merged[-1].role == message.role:
-            content = f"{merged[-1].content}\n{content}"
-            merged[-1] = Message(message.role, content)
+        text = item.content.strip()
+        if not text and not item.tool_calls:
+            continue
+        turn = turn_of(item.role)
+        if text:
+            turn.texts.append(text)
+        turn.tool_calls.extend(item.tool_calls)
+    if not turns or turns[0].role != "user":
+        turns.insert(0, _Turn("user", [CALL_STARTED]))
+    items: list[ChatItem] = []
+    for turn in turns:
+        content = "\n".join(turn.texts)
+        if turn.role == "assistant":
+            items.append(Message("assistant", content, tuple(turn.tool_calls)))
+            continue
+        items.extend(turn.outputs)
+        if content:
+            items.append(Message("user", content))
+    return items
+
+
+def _params(items: Sequence[ChatItem]) -> list[MessageParam]:
+    """Message params for a normalised conversation: each run of user-side
+    items (tool outputs, then user text) becomes one user message."""
+    params: list[MessageParam] = []
+    run: list[ChatItem] = []
+    for item in items:
+        if isinstance(item, Message) and item.role == "assistant":
+            if run:
+                params.append(_user_param(run))
+                run = []
+            params.append(_assistant_param(item))
         else:
-            merged.append(Message(message.role, content))
-    if not merged or merged[0].role != "user":
-        merged.insert(0, Message("user", CALL_STARTED))
-    return merged
+            run.append(item)
+    if run:
+        params.append(_user_param(run))
+    return params
 
 
-def _param(message: Message) -> MessageParam:
-    if message.role == "user":
-        return {"role": "user", "content": message.content}
-    return {"role": "assistant", "content": message.content}
+def _user_param(run: Sequence[ChatItem]) -> MessageParam:
+    # Plain text goes out as a string, as it did before tools, so requests
+    # without tools keep their exact shape.
+    if len(run) == 1 and isinstance(run[0], Message):
+        return {"role": "user", "content": run[0].content}
+    blocks: list[TextBlockParam | ToolResultBlockParam] = []
+    for item in run:
+        if isinstance(item, ToolOutput):
+            blocks.append(_tool_result(item))
+        else:
+            blocks.append({"type": "text", "text": item.content})
+    return {"role": "user", "content": blocks}
+
+
+def _assistant_param(message: Message) -> MessageParam:
+    if not message.tool_calls:
+        return {"role": "assistant", "content": message.content}
+    blocks: list[TextBlockParam | ToolUseBlockParam] = []
+    if message.content:
+        blocks.append({"type": "text", "text": message.content})
+    blocks.extend(
+        {"type": "tool_use", "id": call.id, "name": call.name, "input": _tool_input(call)}
+        for call in message.tool_calls
+    )
+    return {"role": "assistant", "content": blocks}
+
+
+def _tool_input(call: ToolCall) -> dict[str, object]:
+    """The call's arguments as the object ``tool_use.input`` must be.
+
+    The model may have written malformed JSON; the tools layer coped with that
+    when it ran the call, and the API rejects anything but an object here, so
+    such a call is replayed with ``{}``.
+    """
+    try:
+        parsed = json.loads(call.arguments)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _tool_result(output: ToolOutput) -> ToolResultBlockParam:
+    block: ToolResultBlockParam = {"type": "tool_result", "tool_use_id": output.call_id}
+    # ``content`` is optional; a blank one risks the API's "text content blocks
+    # must contain non-whitespace text" rejection, so it is left out instead.
+    if output.content.strip():
+        block["content"] = output.content
+    if output.is_error:
+        block["is_error"] = True
+    return block
+
+
+def _tool(spec: ToolSpec) -> ToolParam:
+    tool: ToolParam = {"name": spec.name, "input_schema": spec.parameters}
+    # Optional in the API; an empty one says nothing and may be refused.
+    if spec.description:
+        tool["description"] = spec.description
+    return tool
 
 
 def _sampling(config: AnthropicConfig) -> dict[str, float]:

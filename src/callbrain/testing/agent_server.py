@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from callbrain.agent import Agent
+from callbrain.call_control import CallHook
 from callbrain.llm.base import LLM
 from callbrain.server import DEFAULT_PREFIX, create_app
 from callbrain.testing.serve import serve_asgi
@@ -13,12 +14,17 @@ from callbrain.testing.serve import serve_asgi
 
 @contextlib.asynccontextmanager
 async def serve_agent(
-    agent: Agent, *, llm: LLM | None = None, prefix: str = DEFAULT_PREFIX
+    agent: Agent,
+    *,
+    llm: LLM | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    on_call_start: CallHook | None = None,
 ) -> AsyncIterator[str]:
     """Run ``create_app(agent)`` on a free port; yields the WebSocket base URL for Retell.
 
     The URL is what you would paste into Retell, e.g. ``ws://127.0.0.1:PORT/llm-websocket``;
     pass it to :meth:`callbrain.testing.RetellClient.connect`.
     """
-    async with serve_asgi(create_app(agent, prefix=prefix, llm=llm)) as http_url:
+    app = create_app(agent, prefix=prefix, llm=llm, on_call_start=on_call_start)
+    async with serve_asgi(app) as http_url:
         yield "ws" + http_url.removeprefix("http") + "/" + prefix.strip("/")

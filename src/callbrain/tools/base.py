@@ -102,11 +102,17 @@ class Tool(ABC):
             )
         if timeout_s <= 0:
             raise ValueError(f"tool {name!r}: timeout_s must be positive")
+        schema = dict(parameters or {"type": "object", "properties": {}})
+        from callbrain.tools.arguments import check_schema  # it imports this module
+
+        try:
+            check_schema(schema)
+        except ValueError as exc:
+            # The tool author's mistake: fail at start-up, not on a live call.
+            raise ValueError(f"tool {name!r}: invalid parameters schema: {exc}") from None
         self.name = name
         self.description = description
-        self.parameters: dict[str, Any] = dict(
-            parameters or {"type": "object", "properties": {}}
-        )
+        self.parameters: dict[str, Any] = schema
         self.timeout_s = timeout_s
         self.side_effects = side_effects
         """Changes the world (books, charges, sends): never run twice for the same
@@ -137,6 +143,9 @@ class Tool(ABC):
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> Any:
         """Do the work. Return a string or anything JSON-serialisable; raise
         :class:`ToolError` for a failure the model should hear about."""
+
+    async def aclose(self) -> None:  # noqa: B027 (optional hook)
+        """Release clients the tool holds; called when the server stops."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,160 @@
+"""Tools as declared in an agent file, and how each declaration becomes a :class:`Tool`.
+
+Every entry has a ``type``::
+
+    tools:
+      - type: python                 # a Python function, sync or async
+        function: my_clinic.tools:book_appointment
+        side_effects: true           # never run twice for the same arguments
+      - type: http                   # a webhook: POST the arguments as JSON
+        name: lookup_patient
+        description: Find the caller's patient record.
+        url: https://example.com/hooks/lookup
+        secret: ${LOOKUP_SECRET}
+        parameters: {type: object, properties: {phone: {type: string}}}
+      - type: transfer_call
+        number: "+14155550100"
+      - type: end_call
+
+Declarations are checked when the agent is loaded (unknown keys, bad numbers);
+references to code are imported when the server starts, so a typo fails the
+start-up, not a live call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from callbrain.tools.base import Tool
+from callbrain.tools.builtin import EndCallTool, PressDigitTool, TransferCallTool
+
+E164 = r"^\+[1-9][0-9]{6,14}$"
+
+
+class _Settings(BaseModel):
+    """Execution settings any tool may override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float | None = Field(default=None, gt=0)
+    """Seconds before the run is abandoned and the model told so (default 10)."""
+    side_effects: bool | None = None
+    """It changes the world: run once per call and arguments (idempotent)."""
+    holding_message: str | None = None
+    """Said first when the model calls it without a word; "" for none."""
+    instant: bool | None = None
+    """Returns at once: no holding line, no filler."""
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            key: value
+            for key in ("timeout_s", "side_effects", "holding_message", "instant")
+            if (value := getattr(self, key)) is not None
+        }
+
+
+class PythonToolConfig(_Settings):
+    type: Literal["python"]
+    function: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    """``package.module:function``; the function's signature and docstring give the schema."""
+    name: str | None = None
+    description: str | None = None
+
+
+class HttpToolConfig(_Settings):
+    type: Literal["http"]
+    name: str
+    description: str
+    url: str = Field(pattern=r"^https?://")
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    """JSON schema of the arguments the model must send."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    secret: str | None = None
+    """Signs each request so the receiver can tell it came from this agent."""
+
+
+class EndCallConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["end_call"]
+    name: str = "end_call"
+    description: str | None = None
+    message: str = "Thanks for calling. Goodbye!"
+    """Said before hanging up when the model has not said goodbye itself."""
+
+
+class TransferCallConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["transfer_call"]
+    number: str = Field(pattern=E164)
+    """E.164, e.g. ``+14155550100`` (Retell transfers to Retell or imported numbers only)."""
+    name: str = "transfer_call"
+    description: str | None = None
+    message: str = "Let me transfer you now."
+    show_transferee_as_caller: bool = False
+    no_interruption_allowed: bool = True
+
+
+class PressDigitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["press_digit"]
+    name: str = "press_digit"
+    description: str | None = None
+    message: str = ""
+
+
+ToolConfig = Annotated[
+    PythonToolConfig | HttpToolConfig | EndCallConfig | TransferCallConfig | PressDigitConfig,
+    Field(discriminator="type"),
+]
+
+
+def build_tool(config: ToolConfig) -> Tool:
+    """The :class:`Tool` a declaration describes (imports Python references)."""
+    if isinstance(config, PythonToolConfig):
+        from callbrain.tools.function import function_tool_from_ref
+
+        named = {"name": config.name, "description": config.description}
+        overrides = {k: v for k, v in named.items() if v is not None}
+        return function_tool_from_ref(config.function, **overrides, **config.overrides())
+    if isinstance(config, HttpToolConfig):
+        from callbrain.tools.http import HttpTool
+
+        return HttpTool(
+            name=config.name,
+            description=config.description,
+            url=config.url,
+            parameters=config.parameters,
+            headers=config.headers,
+            secret=config.secret,
+            **config.overrides(),
+        )
+    described = {"description": config.description} if config.description else {}
+    if isinstance(config, EndCallConfig):
+        return EndCallTool(name=config.name, message=config.message, **described)
+    if isinstance(config, TransferCallConfig):
+        return TransferCallTool(
+            number=config.number,
+            name=config.name,
+            message=config.message,
+            show_transferee_as_caller=config.show_transferee_as_caller,
+            no_interruption_allowed=config.no_interruption_allowed,
+            **described,
+        )
+    return PressDigitTool(name=config.name, message=config.message, **described)
+
+
+def build_tools(entries: Sequence[ToolConfig | Tool]) -> dict[str, Tool]:
+    """Every tool by name; a name used twice is an error (the model could not tell them apart)."""
+    tools: dict[str, Tool] = {}
+    for entry in entries:
+        tool = entry if isinstance(entry, Tool) else build_tool(entry)
+        if tool.name in tools:
+            raise ValueError(f"two tools are named {tool.name!r}; tool names must be unique")
+        tools[tool.name] = tool
+    return tools
