@@ -62,6 +62,9 @@ class LocalConfig(_LLMConfigBase):
     n_parallel: int = Field(default=2, gt=0)
     """Completions the model serves at once; more wait their turn."""
     max_tokens: int | None = Field(default=200, gt=0)
+    chat_template: str | None = None
+    """A Jinja chat template replacing the GGUF's own (its text, or the path of a
+    file holding it): for a model whose template lacks tool calls or is broken."""
 
 
 LLMConfig = Annotated[OpenAIConfig | AnthropicConfig | LocalConfig, Field(discriminator="provider")]

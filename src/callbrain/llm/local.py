@@ -21,8 +21,25 @@ Limits worth knowing before pointing a phone line at it:
 * **The default model is weak.** 135M parameters is enough to prove the
   pipeline offline, not to run a real receptionist. It is the offline default,
   not the recommended brain: point ``model_path`` at a stronger GGUF.
-* **Tool calls** will depend on each model's chat template (a later issue);
-  this backend only streams text today.
+* **Tool calls work only where the model's chat template does them.**
+  llama.cpp renders the tools with the GGUF's own jinja template (``use_jinja``:
+  without it, a request with tools is refused), works out that template's call
+  format (e.g. Qwen's and Hermes' ``<tool_call>{json}</tool_call>``), holds the
+  model to it with a grammar once a call starts, and streams calls back as
+  OpenAI-style ``delta.tool_calls`` fragments (index, id and name first, then
+  the arguments in pieces, then ``finish_reason: "tool_calls"``), several per
+  message where the template allows it. A template that never mentions tools
+  gets no fallback format: llama.cpp quietly leaves the tools out of the prompt.
+  The default SmolLM2's template is such a one. So at load we ask llama.cpp
+  whether the template can do tool calls (``chat_template_caps`` on its
+  ``/props``), and when it cannot, a request with tools logs one warning and
+  runs without them: on a phone line an answer without tools beats an error.
+  For tools, point ``model_path`` at a GGUF whose template has them (most
+  recent instruct models', e.g. Qwen2.5/3 and Llama 3.1+), or give a
+  tool-capable template as ``chat_template``; how well a small
+  model then uses them is another matter. The message shapes and the rules
+  for calls cut off by ``max_tokens`` are shared with the OpenAI backend
+  (:mod:`callbrain.llm.openai_format`).
 * **Context.** llama.cpp splits ``n_ctx`` evenly across the ``n_parallel``
   slots, so each call gets ``n_ctx / n_parallel`` tokens. When a conversation
   outgrows that, its oldest turns are dropped until it fits; a single message
@@ -37,7 +54,8 @@ Limits worth knowing before pointing a phone line at it:
 
 llama.cpp also opens its own HTTP server on a random loopback port whatever we
 do; it is locked with a random API key (and its web UI turned off) so other
-local processes cannot use the model through it.
+local processes cannot use the model through it. We use it once, at load, for
+the one thing xllamacpp does not expose: the chat template's capabilities.
 """
 
 from __future__ import annotations
@@ -45,10 +63,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib.util
+import json
 import logging
 import os
 import secrets
 import threading
+import urllib.request
+import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -58,13 +79,17 @@ import xllamacpp as xlc
 from callbrain.llm.base import (
     LLM,
     ChatChunk,
+    ChatItem,
     ChatRequest,
     LLMError,
     TextDelta,
+    ToolOutput,
     Usage,
     retryable_status,
 )
+from callbrain.llm.chat import ToolCallAssembler
 from callbrain.llm.config import LocalConfig
+from callbrain.llm.openai_format import chat_messages, finished_calls, tool_params, used_call_ids
 
 logger = logging.getLogger("callbrain.llm.local")
 
@@ -115,6 +140,19 @@ def _has_gpu() -> bool:
     )
 
 
+def _template_text(template: str) -> str:
+    """``chat_template`` is the template itself, or the path of a file holding it."""
+    if "{" not in template:
+        path = Path(template).expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LLMError(
+                f"local: cannot read chat_template file {path}: {exc.strerror}", provider=PROVIDER
+            ) from None
+    return template
+
+
 class ContextOverflowError(LLMError):
     """The prompt does not fit the context of one slot (``n_ctx / n_parallel``)."""
 
@@ -130,6 +168,41 @@ def _error_from_llama(error: dict[str, Any]) -> LLMError:
         status=status,
         retryable=status is not None and retryable_status(status),
     )
+
+
+def _template_supports_tools(server: Any, api_key: str) -> bool | None:
+    """Whether llama.cpp can do tool calls with the loaded chat template; None if unknown.
+
+    xllamacpp has no call for this, but the HTTP server llama.cpp runs anyway
+    reports the template's capabilities on ``/props``, decided by the same code
+    that later renders and parses the calls.
+    """
+    address = getattr(server, "listening_address", None)
+    if not isinstance(address, str) or not address:
+        return None
+    request = urllib.request.Request(
+        address.rstrip("/") + "/props", headers={"Authorization": f"Bearer {api_key}"}
+    )
+    # No proxy: one set in the environment would be sent the API key.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=5) as response:
+            caps = json.load(response)["chat_template_caps"]
+        return bool(caps["supports_tool_calls"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.debug("could not read llama.cpp's chat template capabilities: %s", exc)
+        return None
+
+
+def _drop_oldest_half(messages: tuple[ChatItem, ...]) -> tuple[ChatItem, ...]:
+    """The newer half of a conversation, less tool outputs whose calls were dropped.
+
+    An output without its call breaks what templates expect (some raise).
+    """
+    kept = messages[len(messages) // 2 :]
+    while kept and isinstance(kept[0], ToolOutput):
+        kept = kept[1:]
+    return kept
 
 
 class LocalLLM(LLM):
@@ -164,6 +237,10 @@ class LocalLLM(LLM):
         self._lock = threading.Lock()
         self._loading: concurrent.futures.Future[None] | None = None
         self._server: Any = None
+        # Whether the chat template can do tool calls: None until loaded, or
+        # when llama.cpp could not say (tools are sent then; it decides).
+        self._tools_supported: bool | None = None
+        self._warned_no_tools = False
         self._closed = False
         self._in_flight = 0
 
@@ -241,10 +318,16 @@ class LocalLLM(LLM):
         # with a GPU (~0.3 s on CPU), and warmup() warms up without the GIL.
         p.fit_params = _has_gpu()
         p.warmup = False
+        # xllamacpp's default, stated because tools depend on it: without jinja
+        # llama.cpp rejects every request that has tools.
+        p.use_jinja = True
+        if c.chat_template:
+            p.chat_template = _template_text(c.chat_template)
         # The HTTP server llama.cpp starts anyway: one thread, no UI, no access.
         p.n_threads_http = 1
         p.ui = False
-        p.api_keys = [secrets.token_urlsafe(32)]
+        api_key = secrets.token_urlsafe(32)
+        p.api_keys = [api_key]
         try:
             server = xlc.Server(p)
         except Exception as exc:
@@ -253,20 +336,25 @@ class LocalLLM(LLM):
                 "llama.cpp supports, and is there enough memory for it and n_ctx?",
                 provider=PROVIDER,
             ) from exc
+        supports_tools = _template_supports_tools(server, api_key)
         with self._lock:
             if not self._closed:
                 self._server = server
+                self._tools_supported = supports_tools
         # If aclose() won the race, `server` is dropped here, on this thread.
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
-        """The OpenAI-style request llama.cpp expects; sampling keys only when set."""
-        messages = [{"role": "system", "content": request.system}] if request.system else []
-        messages += [{"role": m.role, "content": m.content} for m in request.messages]
+        """The OpenAI-style request llama.cpp expects; tools and sampling keys only when set."""
         body: dict[str, Any] = {
-            "messages": messages,
+            "messages": chat_messages(request, name_outputs=True),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.tools:
+            if self._tools_supported is False:
+                self._warn_no_tools()
+            else:
+                body["tools"] = tool_params(request.tools)
         c = self.config
         for key, value in (
             ("temperature", c.temperature),
@@ -277,6 +365,17 @@ class LocalLLM(LLM):
                 body[key] = value
         return body
 
+    def _warn_no_tools(self) -> None:
+        # Once per model: the operator needs telling, not every turn of every call.
+        if self._warned_no_tools:
+            return
+        self._warned_no_tools = True
+        logger.warning(
+            "local: the chat template of %s cannot do tool calls, so the model answers without "
+            "the agent's tools. Set llm.model_path to a GGUF whose chat template supports tools.",
+            self.model,
+        )
+
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         # A long call outgrows a small context. Rather than fail every turn from
         # then on, drop the oldest half of the conversation and try again: the
@@ -284,13 +383,16 @@ class LocalLLM(LLM):
         messages = request.messages
         while True:
             try:
-                async for chunk in self._complete(ChatRequest(request.system, messages)):
+                async for chunk in self._complete(
+                    ChatRequest(request.system, messages, request.tools)
+                ):
                     yield chunk
                 return
             except ContextOverflowError:
-                if len(messages) <= 1:
+                shorter = _drop_oldest_half(messages)
+                if not shorter or len(shorter) == len(messages):
                     raise
-                messages = messages[len(messages) // 2 :]
+                messages = shorter
                 logger.warning(
                     "the conversation does not fit the context (%d tokens per slot); "
                     "retrying with the latest %d messages",
@@ -303,6 +405,10 @@ class LocalLLM(LLM):
         items: asyncio.Queue[_Item] = asyncio.Queue()
         gone = threading.Event()  # set when nobody reads any more: stop generating
         body = self._body(request)
+        calls = ToolCallAssembler()
+        # For ids llama.cpp leaves out; they must be unique across the conversation.
+        seed = f"{uuid.uuid4().hex[:8]}_"
+        taken = used_call_ids(request)
 
         def deliver(item: _Item) -> None:
             if gone.is_set():
@@ -350,10 +456,23 @@ class LocalLLM(LLM):
                 if "error" in item:
                     raise _error_from_llama(item["error"])
                 for choice in item.get("choices") or ():
-                    finished = finished or bool(choice.get("finish_reason"))
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
+                    delta = choice.get("delta") or {}
+                    if text := delta.get("content"):
                         yield TextDelta(text)
+                    for fragment in delta.get("tool_calls") or ():
+                        function = fragment.get("function") or {}
+                        calls.add(
+                            fragment.get("index", 0),
+                            id=fragment.get("id"),
+                            name=function.get("name"),
+                            arguments=function.get("arguments"),
+                        )
+                    if reason := choice.get("finish_reason"):
+                        finished = True
+                        ready = finished_calls(calls.calls(seed), reason, taken, provider=PROVIDER)
+                        for call in ready:
+                            yield call
+                        calls = ToolCallAssembler()
                 if usage := item.get("usage"):
                     yield Usage(
                         input_tokens=usage.get("prompt_tokens", 0),

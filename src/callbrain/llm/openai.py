@@ -22,30 +22,26 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncGenerator
-from typing import ClassVar, TypeVar
+from typing import ClassVar, TypeVar, cast
 
 import openai
-from openai.types.chat import (
-    ChatCompletionAssistantMessageParam,
-    ChatCompletionFunctionToolParam,
-    ChatCompletionMessageParam,
-    ChatCompletionToolMessageParam,
-)
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
 
 from callbrain.llm.base import (
     LLM,
     ChatChunk,
     ChatRequest,
     LLMError,
-    Message,
     TextDelta,
-    ToolOutput,
     Usage,
     resolve_api_key,
     retryable_status,
 )
 from callbrain.llm.chat import ToolCallAssembler
 from callbrain.llm.config import OpenAIConfig
+from callbrain.llm.openai_format import chat_messages, finished_calls, tool_params, used_call_ids
+
+PROVIDER = "openai"
 
 _T = TypeVar("_T")
 
@@ -53,7 +49,7 @@ _T = TypeVar("_T")
 class OpenAILLM(LLM):
     """Streams chat completions through one ``openai.AsyncOpenAI`` client."""
 
-    provider: ClassVar[str] = "openai"
+    provider: ClassVar[str] = PROVIDER
 
     def __init__(self, config: OpenAIConfig) -> None:
         super().__init__(
@@ -83,11 +79,17 @@ class OpenAILLM(LLM):
         # Only used when a compatible server leaves ids out; ids must still be
         # unique across the conversation, so they cannot just be the index.
         seed = f"{uuid.uuid4().hex[:8]}_"
+        taken = used_call_ids(request)
         try:
             stream = await self._client.chat.completions.create(
                 model=config.model,
-                messages=_messages(request),
-                tools=_tools(request),
+                # The shared shapes are plain dicts; the SDK's are TypedDicts of the same.
+                messages=cast(list[ChatCompletionMessageParam], chat_messages(request)),
+                tools=(
+                    cast(list[ChatCompletionToolUnionParam], tool_params(request.tools))
+                    if request.tools
+                    else openai.omit
+                ),
                 stream=True,
                 stream_options={"include_usage": True},
                 temperature=_given(config.temperature),
@@ -114,82 +116,22 @@ class OpenAILLM(LLM):
                                 arguments=function.arguments if function else None,
                             )
                         if choice.finish_reason is not None:
-                            for call in calls.calls(seed):
+                            reason = choice.finish_reason
+                            for call in finished_calls(
+                                calls.calls(seed), reason, taken, provider=PROVIDER
+                            ):
                                 yield call
                             calls = ToolCallAssembler()
         except openai.APIError as exc:
             raise _translate(exc) from exc
         # Some compatible servers end the stream without a finish_reason.
-        for call in calls.calls(seed):
+        for call in finished_calls(calls.calls(seed), "stop", taken, provider=PROVIDER):
             yield call
         if usage is not None:
             yield usage
 
     async def aclose(self) -> None:
         await self._client.close()
-
-
-def _messages(request: ChatRequest) -> list[ChatCompletionMessageParam]:
-    messages: list[ChatCompletionMessageParam] = []
-    if request.system:
-        messages.append({"role": "system", "content": request.system})
-    for item in request.messages:
-        if isinstance(item, ToolOutput):
-            messages.append(_tool_message(item))
-        elif item.role == "user":
-            messages.append({"role": "user", "content": item.content})
-        else:
-            messages.append(_assistant_message(item))
-    return messages
-
-
-def _assistant_message(message: Message) -> ChatCompletionAssistantMessageParam:
-    if not message.tool_calls:
-        return {"role": "assistant", "content": message.content}
-    assistant: ChatCompletionAssistantMessageParam = {
-        "role": "assistant",
-        "tool_calls": [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments},
-            }
-            for call in message.tool_calls
-        ],
-    }
-    # Content is optional beside tool calls, and an empty string is not "none".
-    if message.content:
-        assistant["content"] = message.content
-    return assistant
-
-
-def _tool_message(output: ToolOutput) -> ChatCompletionToolMessageParam:
-    """A ``tool`` message; the wire has no error flag, so errors say so in the text.
-
-    A failed output gets an ``"Error: "`` prefix unless it already starts with
-    "error" (any case), so the model does not read it as the tool's answer.
-    """
-    content = output.content
-    if output.is_error and not content.lower().startswith("error"):
-        content = f"Error: {content}"
-    return {"role": "tool", "tool_call_id": output.call_id, "content": content}
-
-
-def _tools(request: ChatRequest) -> list[ChatCompletionFunctionToolParam] | openai.Omit:
-    # An empty list is not the same as no tools: OpenAI rejects "tools": [].
-    if not request.tools:
-        return openai.omit
-    return [
-        {
-            "type": "function",
-            "function": {
-                "name": tool.name,
-                "description": tool.description,
-                "parameters": tool.parameters,
-            },
-        }
-        for tool in request.tools
-    ]
 
 
 def _given(value: _T | None) -> _T | openai.Omit:
