@@ -105,6 +105,20 @@ def test_serve_rejects_a_bad_agent_file_clearly(tmp_path: Path) -> None:
     assert "bad.yaml" in result.stderr and "temprature" in result.stderr
 
 
+def test_serve_rejects_a_tool_that_does_not_import(tmp_path: Path) -> None:
+    bad = tmp_path / "tools.yaml"
+    bad.write_text("name: x\ntools:\n  - type: python\n    function: no_such_module.tools:book\n")
+    result = subprocess.run(
+        callbrain("serve", "--agent", str(bad), "--port", str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+    assert result.returncode == 2
+    assert "no_such_module.tools:book" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_version() -> None:
     result = subprocess.run(callbrain("--version"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("callbrain ")

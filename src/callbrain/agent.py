@@ -102,8 +102,15 @@ class Agent(BaseModel):
         return self
 
     def build_tools(self) -> dict[str, Tool]:
-        """The agent's tools by name, importing any Python references now."""
-        return build_tools(self.tools)
+        """The agent's tools by name, importing any Python references now.
+
+        Raises :class:`AgentConfigError` naming the tool for a reference that does
+        not import, a function that cannot be a tool, or a name used twice.
+        """
+        try:
+            return build_tools(self.tools)
+        except (ValueError, TypeError) as exc:
+            raise AgentConfigError(f"agent {self.name!r}: tools: {exc}") from exc
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Agent:

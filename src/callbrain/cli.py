@@ -58,6 +58,8 @@ def serve(
     path = agent or example_agent_path()
     try:
         definition = Agent.from_yaml(path)
+        # Built now so a tool that does not import fails here, not on a call.
+        application = create_app(definition, prefix=prefix)
     except AgentConfigError as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
@@ -78,7 +80,7 @@ def serve(
         soft_wrap=True,
     )
     uvicorn.run(
-        create_app(definition, prefix=prefix),
+        application,
         host=host,
         port=port,
         log_config=None,

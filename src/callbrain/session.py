@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from callbrain.agent import Agent
 from callbrain.call_control import CallControl, CallHook
 from callbrain.conversation import ToolExchange, build_chat_request, render_template
-from callbrain.llm.base import LLM
+from callbrain.llm.base import LLM, ChatRequest
 from callbrain.protocol import (
     CallDetails,
     ConfigFlags,
@@ -225,19 +225,12 @@ class CallSession:
         rid = frame.response_id
         reminder = isinstance(frame, ReminderRequired)
         started = time.perf_counter()
-        woven = frame.transcript_with_tool_calls
-        request, missing = build_chat_request(
-            system_prompt=self.agent.system_prompt,
-            transcript=frame.transcript,
-            variables=self.variables,
-            max_messages=self.agent.max_history_messages,
-            reminder_prompt=self.agent.reminder_prompt if reminder else None,
-            tools=[tool.spec for tool in self.runner.tools.values()],
-            history=self.tool_history,
-            woven=woven if self.agent.retell_config.transcript_with_tool_calls else None,
-        )
-        if missing:
-            logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
+        try:
+            request = self._chat_request(frame, reminder)
+        except Exception:
+            logger.exception("response %d: could not build the model request", rid)
+            await self._send_response(rid, self.agent.fallback_message, complete=True)
+            return
         turn = Turn(
             response_id=rid,
             request=request,
@@ -261,6 +254,23 @@ class CallSession:
                 f", then {report.action}" if report.action else "",
                 ", with fallback" if report.failed else "",
             )
+
+    def _chat_request(self, frame: TurnRequest, reminder: bool) -> ChatRequest:
+        woven = frame.transcript_with_tool_calls
+        request, missing = build_chat_request(
+            system_prompt=self.agent.system_prompt,
+            transcript=frame.transcript,
+            variables=self.variables,
+            max_messages=self.agent.max_history_messages,
+            reminder_prompt=self.agent.reminder_prompt if reminder else None,
+            tools=[tool.spec for tool in self.runner.tools.values()],
+            history=self.tool_history,
+            # Retell's woven transcript, when asked for, is the record of tool calls.
+            woven=woven if self.agent.retell_config.transcript_with_tool_calls else None,
+        )
+        if missing:
+            logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
+        return request
 
     def _next_holding_line(self) -> str:
         """The agent's holding lines in turn, so a caller does not hear the same one twice."""
