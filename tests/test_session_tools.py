@@ -401,7 +401,9 @@ async def test_a_booking_interrupted_by_the_caller_runs_once_and_is_remembered(
         call.transcript[-1]["content"] += " Please."
         seen_before_newer = len(call.frames)
         second = await call.request()
-        await fake.wait_for_requests(2, timeout=10)
+        # The newer turn asks for the same booking while the first is still running.
+        await call.wait_for(lambda _: len(of_type(call, "tool_call_invocation")) == 2)
+        assert clinic.bookings == []
         clinic.release.set()
         turn = await call.response(second)
         assert turn.text == "Let me book that. You're booked for Friday at half past three."
@@ -416,6 +418,37 @@ async def test_a_booking_interrupted_by_the_caller_runs_once_and_is_remembered(
         call.transcript.append({"role": "user", "content": "Thanks!"})
         await call.response(await call.request())
         assert any("Booked Ann" in text for text in tool_outputs(fake.requests[3].body))
+
+
+async def test_a_booking_in_flight_when_the_socket_drops_is_not_repeated_after_reconnect(
+    backend: RemoteBackend, fake: FakeLLMServer, clinic: Clinic
+) -> None:
+    booking = {"name": "Bo", "day": "monday", "time": "09:00"}
+    fake.script(
+        Reply("", tool_calls=calls(("book_appointment", booking))),
+        Reply("", tool_calls=calls(("book_appointment", booking))),
+        Reply("You're booked."),
+    )
+    async with serve_agent(make_agent(backend, fake, clinic)) as url:
+        async with RetellClient.connect(url, "call-9") as first:
+            await first.expect_config()
+            await first.expect_begin()
+            await first.say("Monday at nine, I'm Bo.")
+            await asyncio.wait_for(clinic.started.wait(), 10)
+        # Retell reconnects the same call on a new socket and asks again.
+        async with RetellClient.connect(url, "call-9") as second:
+            await second.expect_config()
+            await second.expect_begin()
+            rid = await second.say("Monday at nine, I'm Bo.")
+            # The first booking is still running when the new socket asks again.
+            await second.wait_for(lambda _: bool(of_type(second, "tool_call_invocation")))
+            assert clinic.bookings == []
+            clinic.release.set()
+            turn = await second.response(rid)
+            assert turn.text.endswith("You're booked.")
+            [result] = of_type(second, "tool_call_result")
+            assert result["successful"] is True and "not repeated" in result["content"]
+    assert clinic.bookings == [booking]
 
 
 # ---------------------------------------------------------------- call control

@@ -12,6 +12,7 @@ from callbrain.protocol import ToolCallInvocationFrame, ToolCallResultFrame
 from callbrain.tools import (
     MemoryIdempotencyStore,
     StoredResult,
+    Toolbox,
     ToolError,
     ToolRun,
     ToolRunner,
@@ -26,8 +27,10 @@ def make_runner(
     sink = RecordingSink()
     recorded: list[tuple[ToolRun, int]] = []
     runner = ToolRunner(
-        tools={t.name: t for t in tools},  # type: ignore[attr-defined]
-        store=store if store is not None else MemoryIdempotencyStore(),
+        toolbox=Toolbox(
+            {t.name: t for t in tools},  # type: ignore[attr-defined]
+            store if store is not None else MemoryIdempotencyStore(),
+        ),
         control=CallControl("call-1", sink, {}, lambda: None),
         send=sink.send_frame,
         record=lambda run, anchor: recorded.append((run, anchor)),

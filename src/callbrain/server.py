@@ -32,7 +32,8 @@ from callbrain.llm import LLM, ChatRequest, create_llm
 from callbrain.logs import call_id_var
 from callbrain.protocol import Utterance
 from callbrain.session import CLOSE_INTERNAL_ERROR, CallSession
-from callbrain.tools.idempotency import IdempotencyStore, MemoryIdempotencyStore
+from callbrain.tools.idempotency import IdempotencyStore
+from callbrain.tools.runner import Toolbox
 
 logger = logging.getLogger("callbrain.server")
 
@@ -52,8 +53,8 @@ class AgentRuntime:
         self, agent: Agent, llm: LLM | None = None, store: IdempotencyStore | None = None
     ) -> None:
         self.agent = agent
-        self.tools = agent.build_tools()
-        self.store = store if store is not None else MemoryIdempotencyStore()
+        tools = agent.build_tools()
+        self.toolbox = Toolbox(tools) if store is None else Toolbox(tools, store)
         self._given = llm
         self._ready: LLM | None = None
         self._lock = asyncio.Lock()
@@ -81,7 +82,7 @@ class AgentRuntime:
             transcript=[Utterance(role="agent", content=greeting)] if greeting.strip() else [],
             variables=self.agent.dynamic_variables,
             max_messages=self.agent.max_history_messages,
-            tools=[tool.spec for tool in self.tools.values()],
+            tools=[tool.spec for tool in self.toolbox.tools.values()],
         )
         return request
 
@@ -89,8 +90,7 @@ class AgentRuntime:
         ready, self._ready = self._ready, None
         if ready is not None and self._given is None:
             await ready.aclose()
-        for tool in self.tools.values():
-            await tool.aclose()
+        await self.toolbox.aclose()
 
 
 class _StarletteTransport:
@@ -155,8 +155,7 @@ def create_app(
                 model,
                 _StarletteTransport(websocket),
                 call_id,
-                tools=runtime.tools,
-                store=runtime.store,
+                toolbox=runtime.toolbox,
                 on_call_start=on_call_start,
             )
             await session.run()

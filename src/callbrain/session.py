@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from callbrain.agent import Agent
@@ -52,9 +51,7 @@ from callbrain.protocol import (
     encode,
     parse_inbound,
 )
-from callbrain.tools.base import Tool
-from callbrain.tools.idempotency import IdempotencyStore, MemoryIdempotencyStore
-from callbrain.tools.runner import ToolRun, ToolRunner
+from callbrain.tools.runner import Toolbox, ToolRun, ToolRunner
 from callbrain.turn import Turn
 
 logger = logging.getLogger("callbrain.session")
@@ -88,12 +85,12 @@ class CallSession:
         transport: Transport,
         call_id: str,
         *,
-        tools: Mapping[str, Tool] | None = None,
-        store: IdempotencyStore | None = None,
+        toolbox: Toolbox | None = None,
         on_call_start: CallHook | None = None,
     ) -> None:
-        """``tools`` defaults to the agent's (built now); ``store`` to a private
-        in-memory one; ``on_call_start`` runs as a task once the call is up."""
+        """``toolbox`` is shared by the server's calls (by default this call gets
+        the agent's tools, built now, and a private in-memory store);
+        ``on_call_start`` runs as a task once the call is up."""
         self.agent = agent
         self.llm = llm
         self.call_id = call_id
@@ -105,8 +102,7 @@ class CallSession:
         self.tool_history: list[ToolExchange] = []
         self.control = CallControl(call_id, self, self.variables, lambda: self.call)
         self.runner = ToolRunner(
-            tools=agent.build_tools() if tools is None else tools,
-            store=store if store is not None else MemoryIdempotencyStore(),
+            toolbox=toolbox if toolbox is not None else Toolbox(agent.build_tools()),
             control=self.control,
             send=self.send_frame,
             record=self._record_tool_run,

@@ -34,7 +34,7 @@ from callbrain.tools.idempotency import (
     StoredResult,
     idempotency_key,
 )
-from callbrain.tools.runner import ToolRun, ToolRunner
+from callbrain.tools.runner import Toolbox, ToolRun, ToolRunner
 
 __all__ = [
     "ArgumentsError",
@@ -51,6 +51,7 @@ __all__ = [
     "ToolError",
     "ToolRun",
     "ToolRunner",
+    "Toolbox",
     "TransferCallTool",
     "build_tool",
     "build_tools",

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from callbrain.call_control import CallControl, TurnActions
@@ -30,13 +30,40 @@ from callbrain.llm.chat import ToolCall, ToolOutput
 from callbrain.protocol import OutboundFrame, ToolCallInvocationFrame, ToolCallResultFrame
 from callbrain.tools.arguments import parse_arguments
 from callbrain.tools.base import Tool, ToolContext, ToolError, result_text
-from callbrain.tools.idempotency import IdempotencyStore, StoredResult, idempotency_key
+from callbrain.tools.idempotency import (
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    StoredResult,
+    idempotency_key,
+)
 
 logger = logging.getLogger("callbrain.tools")
 
 REPLAY_NOTE = (
     " (This was already done earlier in this call with the same details; it was not repeated.)"
 )
+
+
+@dataclass(slots=True)
+class Toolbox:
+    """What the calls of one server share: the tools, the idempotency store, and
+    the side-effecting runs in progress.
+
+    Runs in progress are shared, not per socket, because Retell reconnects a
+    dropped call on a new socket: a booking still running for the old socket
+    must answer the same request made on the new one, not run a second time.
+    """
+
+    tools: Mapping[str, Tool]
+    store: IdempotencyStore = field(default_factory=MemoryIdempotencyStore)
+    inflight: dict[str, asyncio.Task[tuple[StoredResult, bool]]] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        """Wait for side-effecting runs still in flight, then release the tools."""
+        if self.inflight:
+            await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+        for tool in self.tools.values():
+            await tool.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,20 +85,20 @@ class ToolRunner:
     def __init__(
         self,
         *,
-        tools: Mapping[str, Tool],
-        store: IdempotencyStore,
+        toolbox: Toolbox,
         control: CallControl,
         send: Callable[[OutboundFrame], Awaitable[bool]],
         record: Callable[[ToolRun, int], None],
     ) -> None:
         """``send`` writes a frame if the call is connected; ``record(run, anchor)``
         adds a finished run to the call's history at transcript position ``anchor``."""
-        self.tools = tools
-        self._store = store
+        self.tools = toolbox.tools
+        self._store = toolbox.store
+        self._inflight = toolbox.inflight
         self._control = control
         self._send = send
         self._record = record
-        self._inflight: dict[str, asyncio.Task[tuple[StoredResult, bool]]] = {}
+        self._mine: set[asyncio.Task[tuple[StoredResult, bool]]] = set()
 
     async def run_all(
         self, calls: Sequence[ToolCall], turn: TurnActions, anchor: int
@@ -114,6 +141,8 @@ class ToolRunner:
                 name=f"tool-{tool.name}-{call.id}",
             )
             self._inflight[key] = task
+            self._mine.add(task)
+            task.add_done_callback(self._mine.discard)
         else:
             logger.info("%s: same arguments as a run in progress; waiting for it", tool.name)
         # shield: a barge-in cancels the turn waiting here, not the tool.
@@ -177,9 +206,9 @@ class ToolRunner:
         return run
 
     async def aclose(self) -> None:
-        """Wait for side-effecting runs still in flight (they must not be cut short)."""
-        if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        """Wait for this call's side-effecting runs still in flight (never cut short)."""
+        if self._mine:
+            await asyncio.gather(*self._mine, return_exceptions=True)
 
 
 def _run_of(call: ToolCall, result: StoredResult, *, replayed: bool = False) -> ToolRun:
