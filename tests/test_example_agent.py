@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-from support import BACKENDS, RemoteBackend
+from support import BACKENDS, RemoteBackend, in_module_loop
 
 from callbrain.agent import Agent, example_agent_path
 from callbrain.examples import clinic_tools
 from callbrain.testing import FakeLLMServer, FakeToolCall, Reply, RetellClient, serve_agent
 
+# One fake provider per module and backend (see conftest.py), reset for each test.
+pytestmark = in_module_loop
 
-@pytest.fixture(params=sorted(BACKENDS))
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> RemoteBackend:
     return BACKENDS[request.param]
-
-
-@pytest.fixture
-async def fake(backend: RemoteBackend) -> AsyncIterator[FakeLLMServer]:
-    async with backend.fake() as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from support import BACKENDS, RemoteBackend
+from support import BACKENDS, RemoteBackend, in_module_loop
 
 from callbrain.agent import Agent, RetellConfig
 from callbrain.call_control import CallControl
@@ -29,15 +29,13 @@ FALLBACK = "Sorry, could you say that again?"
 FILLER = "Still working on it."
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+# One fake provider per module and backend (see conftest.py), reset for each test.
+pytestmark = in_module_loop
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> RemoteBackend:
     return BACKENDS[request.param]
-
-
-@pytest.fixture
-async def fake(backend: RemoteBackend) -> AsyncIterator[FakeLLMServer]:
-    async with backend.fake() as server:
-        yield server
 
 
 @dataclass
