@@ -91,16 +91,21 @@ def test_serve_runs_the_shipped_agent_out_of_the_box(
     assert call_lines and all("call=cli-call" in line for line in call_lines)
 
 
-def test_serve_rejects_a_bad_agent_file_clearly(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nllm: {provider: openai, temprature: 1}\n")
-    result = subprocess.run(
-        callbrain("serve", "--agent", str(bad), "--port", str(free_port())),
+def serve_refused(agent_file: Path) -> subprocess.CompletedProcess[str]:
+    """``callbrain serve`` with an agent file it must refuse before serving."""
+    return subprocess.run(
+        callbrain("serve", "--agent", str(agent_file), "--port", str(free_port())),
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
     )
+
+
+def test_serve_rejects_a_bad_agent_file_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nllm: {provider: openai, temprature: 1}\n")
+    result = serve_refused(bad)
     assert result.returncode == 2
     assert "bad.yaml" in result.stderr and "temprature" in result.stderr
 
@@ -108,13 +113,7 @@ def test_serve_rejects_a_bad_agent_file_clearly(tmp_path: Path) -> None:
 def test_serve_rejects_a_tool_that_does_not_import(tmp_path: Path) -> None:
     bad = tmp_path / "tools.yaml"
     bad.write_text("name: x\ntools:\n  - type: python\n    function: no_such_module.tools:book\n")
-    result = subprocess.run(
-        callbrain("serve", "--agent", str(bad), "--port", str(free_port())),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
-    )
+    result = serve_refused(bad)
     assert result.returncode == 2
     assert "no_such_module.tools:book" in result.stderr and "Traceback" not in result.stderr
 

@@ -33,7 +33,8 @@ from typing import Any, Protocol
 from callbrain.agent import Agent
 from callbrain.call_control import CallControl, CallHook
 from callbrain.conversation import ToolExchange, build_chat_request, render_template
-from callbrain.llm.base import LLM, ChatRequest
+from callbrain.llm.base import LLM
+from callbrain.llm.chat import ChatRequest
 from callbrain.protocol import (
     CallDetails,
     ConfigFlags,

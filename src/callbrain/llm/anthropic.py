@@ -48,18 +48,20 @@ from anthropic.types import Usage as AnthropicUsage
 
 from callbrain.llm.base import (
     LLM,
+    LLMError,
+    resolve_api_key,
+    retryable_status,
+)
+from callbrain.llm.chat import (
     ChatChunk,
     ChatItem,
     ChatRequest,
-    LLMError,
     Message,
     TextDelta,
     ToolCall,
     ToolOutput,
     ToolSpec,
     Usage,
-    resolve_api_key,
-    retryable_status,
 )
 from callbrain.llm.config import AnthropicConfig
 

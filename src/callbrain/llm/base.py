@@ -30,34 +30,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import ClassVar
 
-from callbrain.llm.chat import (
-    ChatChunk,
-    ChatItem,
-    ChatRequest,
-    Message,
-    TextDelta,
-    ToolCall,
-    ToolOutput,
-    ToolSpec,
-    Usage,
-)
-
-__all__ = [
-    "LLM",
-    "ChatChunk",
-    "ChatItem",
-    "ChatRequest",
-    "LLMError",
-    "LLMStream",
-    "LLMTimeoutError",
-    "Message",
-    "StreamMetrics",
-    "TextDelta",
-    "ToolCall",
-    "ToolOutput",
-    "ToolSpec",
-    "Usage",
-]
+from callbrain.llm.chat import ChatChunk, ChatRequest, TextDelta, ToolCall, Usage
 
 logger = logging.getLogger("callbrain.llm")
 

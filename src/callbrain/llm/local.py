@@ -78,16 +78,18 @@ import xllamacpp as xlc
 
 from callbrain.llm.base import (
     LLM,
+    LLMError,
+    retryable_status,
+)
+from callbrain.llm.chat import (
     ChatChunk,
     ChatItem,
     ChatRequest,
-    LLMError,
     TextDelta,
+    ToolCallAssembler,
     ToolOutput,
     Usage,
-    retryable_status,
 )
-from callbrain.llm.chat import ToolCallAssembler
 from callbrain.llm.config import LocalConfig
 from callbrain.llm.openai_format import chat_messages, finished_calls, tool_params, used_call_ids
 

@@ -29,15 +29,17 @@ from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnio
 
 from callbrain.llm.base import (
     LLM,
-    ChatChunk,
-    ChatRequest,
     LLMError,
-    TextDelta,
-    Usage,
     resolve_api_key,
     retryable_status,
 )
-from callbrain.llm.chat import ToolCallAssembler
+from callbrain.llm.chat import (
+    ChatChunk,
+    ChatRequest,
+    TextDelta,
+    ToolCallAssembler,
+    Usage,
+)
 from callbrain.llm.config import OpenAIConfig
 from callbrain.llm.openai_format import chat_messages, finished_calls, tool_params, used_call_ids
 
