@@ -93,3 +93,18 @@ def test_built_from_python_equals_yaml() -> None:
         "name: clinic\nbegin_message: Hello\nllm: {provider: anthropic, model: claude-haiku-4-5}"
     )
     assert in_code == from_yaml
+
+
+def test_tools_given_as_plain_dicts_after_model_copy_are_validated() -> None:
+    # model_copy(update=...) skips validation, so declarations arrive as dicts.
+    agent = Agent().model_copy(update={"tools": [{"type": "end_call", "message": "Bye."}]})
+    assert list(agent.build_tools()) == ["end_call"]
+    broken = Agent().model_copy(update={"tools": [{"type": "transfer_call", "number": "5"}]})
+    with pytest.raises(AgentConfigError, match="number"):
+        broken.build_tools()
+
+
+def test_two_tools_with_one_name_are_refused() -> None:
+    agent = Agent.from_dict({"tools": [{"type": "end_call"}, {"type": "end_call"}]})
+    with pytest.raises(AgentConfigError, match="two tools are named 'end_call'"):
+        agent.build_tools()

@@ -23,10 +23,10 @@ start-up, not a live call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from callbrain.tools.base import Tool
 from callbrain.tools.builtin import EndCallTool, PressDigitTool, TransferCallTool
@@ -149,10 +149,22 @@ def build_tool(config: ToolConfig) -> Tool:
     return PressDigitTool(name=config.name, message=config.message, **described)
 
 
-def build_tools(entries: Sequence[ToolConfig | Tool]) -> dict[str, Tool]:
-    """Every tool by name; a name used twice is an error (the model could not tell them apart)."""
+_CONFIG: TypeAdapter[ToolConfig] = TypeAdapter(ToolConfig)
+
+
+def build_tools(entries: Sequence[ToolConfig | Tool | Mapping[str, Any]]) -> dict[str, Tool]:
+    """Every tool by name; a name used twice is an error (the model could not tell them apart).
+
+    Plain mappings are validated here too: ``Agent.model_copy(update=...)`` does
+    not validate, so a declaration can arrive as the dict it was written as.
+    """
     tools: dict[str, Tool] = {}
     for entry in entries:
+        if isinstance(entry, Mapping):
+            try:
+                entry = _CONFIG.validate_python(entry)
+            except ValidationError as exc:
+                raise ValueError(f"invalid tool declaration {dict(entry)!r}: {exc}") from None
         tool = entry if isinstance(entry, Tool) else build_tool(entry)
         if tool.name in tools:
             raise ValueError(f"two tools are named {tool.name!r}; tool names must be unique")
