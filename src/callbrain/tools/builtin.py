@@ -26,7 +26,30 @@ def _message(arguments: dict[str, Any]) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-class EndCallTool(Tool):
+class _ActionTool(Tool):
+    """A built-in that asks the turn for one Retell action, said with a line."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        description: str,
+        message: str,
+        properties: dict[str, Any] | None = None,
+        required: tuple[str, ...] = (),
+    ) -> None:
+        parameters: dict[str, Any] = {
+            "type": "object",
+            "properties": {**(properties or {}), "message": _MESSAGE},
+        }
+        if required:
+            parameters["required"] = list(required)
+        super().__init__(name=name, description=description, parameters=parameters, instant=True)
+        self.message = message
+        """The line said with the action when the model gives none (see ``Action.line``)."""
+
+
+class EndCallTool(_ActionTool):
     """Hang up after a goodbye."""
 
     def __init__(
@@ -39,13 +62,7 @@ class EndCallTool(Tool):
         ),
         message: str = "Thanks for calling. Goodbye!",
     ) -> None:
-        super().__init__(
-            name=name,
-            description=description,
-            parameters={"type": "object", "properties": {"message": _MESSAGE}},
-            instant=True,
-        )
-        self.message = message
+        super().__init__(name=name, description=description, message=message)
 
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
         context.turn.request(
@@ -54,7 +71,7 @@ class EndCallTool(Tool):
         return "The call will end after your goodbye."
 
 
-class TransferCallTool(Tool):
+class TransferCallTool(_ActionTool):
     """Cold-transfer the caller to a fixed number."""
 
     def __init__(
@@ -67,14 +84,8 @@ class TransferCallTool(Tool):
         show_transferee_as_caller: bool = False,
         no_interruption_allowed: bool = True,
     ) -> None:
-        super().__init__(
-            name=name,
-            description=description,
-            parameters={"type": "object", "properties": {"message": _MESSAGE}},
-            instant=True,
-        )
+        super().__init__(name=name, description=description, message=message)
         self.number = number
-        self.message = message
         self.show_transferee_as_caller = show_transferee_as_caller
         self.no_interruption_allowed = no_interruption_allowed
         """A barge-in drops a pending transfer, so by default the short line before
@@ -95,7 +106,7 @@ class TransferCallTool(Tool):
         return "The caller will be transferred after your last sentence."
 
 
-class PressDigitTool(Tool):
+class PressDigitTool(_ActionTool):
     """Send DTMF tones, for example to get through another company's phone menu."""
 
     def __init__(
@@ -108,24 +119,18 @@ class PressDigitTool(Tool):
         ),
         message: str = "",
     ) -> None:
+        digits = {
+            "type": "string",
+            "pattern": "^[0-9*#]{1,32}$",
+            "description": "The keys to press, in order: digits, * or #.",
+        }
         super().__init__(
             name=name,
             description=description,
-            parameters={
-                "type": "object",
-                "properties": {
-                    "digits": {
-                        "type": "string",
-                        "pattern": "^[0-9*#]{1,32}$",
-                        "description": "The keys to press, in order: digits, * or #.",
-                    },
-                    "message": _MESSAGE,
-                },
-                "required": ["digits"],
-            },
-            instant=True,
+            message=message,
+            properties={"digits": digits},
+            required=("digits",),
         )
-        self.message = message
 
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
         digits = str(arguments["digits"])
