@@ -49,9 +49,10 @@ class _Settings(BaseModel):
     """Returns at once: no holding line, no filler."""
 
     def overrides(self) -> dict[str, Any]:
+        """The settings this declaration sets (subclasses' own fields excluded)."""
         return {
             key: value
-            for key in ("timeout_s", "side_effects", "holding_message", "instant")
+            for key in _Settings.model_fields
             if (value := getattr(self, key)) is not None
         }
 
