@@ -194,6 +194,15 @@ async def test_reply_streams_in_chunks_and_completes_exactly_once(fake: FakeOpen
         ]
 
 
+async def test_deltas_join_as_the_model_wrote_them(fake: FakeOpenAIServer) -> None:
+    # Real tokenizers cut words and punctuation apart; no space may be added between them.
+    fake.script(Reply(["Hello", ",", " I", "'m", " Av", "a", "."]))
+    async with start_call(make_agent(fake)) as call:
+        await greeted_call(call)
+        turn = await call.ask("Who is this?")
+        assert turn.text == "Hello, I'm Ava."
+
+
 async def test_newer_request_closes_the_old_stream_at_once_and_silences_it(
     fake: FakeOpenAIServer,
 ) -> None:

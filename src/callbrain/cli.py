@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import orjson
 import typer
 import uvicorn
 from rich.console import Console
@@ -13,6 +15,8 @@ from callbrain import __version__
 from callbrain.agent import Agent, AgentConfigError, example_agent_path
 from callbrain.logs import configure_logging
 from callbrain.server import DEFAULT_PREFIX, create_app
+from callbrain.testing.chat_terminal import chat_command
+from callbrain.testing.fake_llm.command import fake_llm
 
 app = typer.Typer(
     help="callbrain: the brain behind Retell voice agents (Custom LLM WebSocket server).",
@@ -89,7 +93,144 @@ def serve(
     )
 
 
+@app.command("test")
+def test_scenarios(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Scenario files or directories. Default: the shipped examples."),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Test the server at this WebSocket URL (as configured in Retell)."),
+    ] = None,
+    agent: Annotated[
+        Path | None,
+        typer.Option("--agent", "-a", help="Serve this agent file here. Default: the example."),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON ('-': stdout).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="The served agent's log level.")] = "warning",
+) -> None:
+    """Run scenario files (simulated calls) and check every frame against the protocol."""
+    from callbrain.testing.scenario import ScenarioError, example_scenarios_path, find_scenarios
+    from callbrain.testing.suite import report_json, report_table, run_suite
+
+    configure_logging(log_level)
+    if url is not None and agent is not None:
+        _fail("give --url or --agent, not both")
+    try:
+        files = find_scenarios(paths or [example_scenarios_path()])
+        definition = None if url else Agent.from_yaml(agent or example_agent_path())
+        if definition is not None:
+            definition.build_tools()  # fail here, once, not in every scenario
+        results = asyncio.run(run_suite(files, url=_ws_url(url), agent=definition))
+    except (ScenarioError, AgentConfigError) as exc:
+        _fail(str(exc))
+    if json_path is not None:
+        text = orjson.dumps(report_json(results), option=orjson.OPT_INDENT_2).decode()
+        if str(json_path) == "-":
+            typer.echo(text)
+        else:
+            json_path.write_text(text + "\n", encoding="utf-8")
+    report_table(results, console if str(json_path) == "-" else Console())
+    if not all(result.passed for result in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    url: Annotated[
+        str | None,
+        typer.Argument(help="A server to load (its Retell URL). Default: start callbrain here."),
+    ] = None,
+    calls: Annotated[int, typer.Option(min=1, help="Concurrent calls.")] = 100,
+    duration: Annotated[
+        float, typer.Option(min=1, help="Seconds every call keeps talking after the ramp-up.")
+    ] = 30.0,
+    ramp: Annotated[
+        float | None, typer.Option(min=0, help="Seconds to connect all calls. Default: 200/s.")
+    ] = None,
+    pause: Annotated[
+        float, typer.Option(min=0, help="Mean seconds of caller silence between turns.")
+    ] = 4.0,
+    interrupt_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of replies the caller barges in on.")
+    ] = 0.2,
+    ttft: Annotated[
+        float, typer.Option(min=0, help="The fake model's seconds to first token.")
+    ] = 0.3,
+    token_rate: Annotated[
+        float, typer.Option(min=1, help="The fake model's tokens per second.")
+    ] = 50.0,
+    compare: Annotated[
+        str | None,
+        typer.Option(help="Run the same load against this second server and print ratios."),
+    ] = None,
+    fake_llm_port: Annotated[
+        int | None,
+        typer.Option(help="Start the fake model on this port (for servers you point at it)."),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the JSON report here ('-': stdout).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for repeatable call scripts.")] = None,
+) -> None:
+    """Load a server with simulated calls; report added latency, pings and protocol errors."""
+    from callbrain.testing.bench import LoadOptions
+    from callbrain.testing.bench_run import FakeModel, print_report, run_bench
+
+    options = LoadOptions(
+        calls=calls,
+        duration_s=duration,
+        ramp_s=ramp,
+        pause_s=pause,
+        interrupt_rate=interrupt_rate,
+        ttft_s=ttft,
+        seed=seed,
+    )
+    model = FakeModel(ttft_s=ttft, token_rate=token_rate)
+    console.print(
+        f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
+        f"{url or 'callbrain serve (started here)'}" + (f", then {compare}" if compare else ""),
+        highlight=False,
+    )
+    try:
+        result = asyncio.run(
+            run_bench(
+                _ws_url(url), options, model, compare=_ws_url(compare), fake_llm_port=fake_llm_port
+            )
+        )
+    except RuntimeError as exc:
+        _fail(str(exc))
+    text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
+    if json_path is not None and str(json_path) == "-":
+        typer.echo(text)
+    elif json_path is not None:
+        json_path.write_text(text + "\n", encoding="utf-8")
+    print_report(result, console if json_path is not None and str(json_path) == "-" else Console())
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _ws_url(url: str | None) -> str | None:
+    """Retell's URL form: ws(s)://; http(s):// is accepted and converted."""
+    if url is None:
+        return None
+    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if url.startswith(http):
+            return ws + url.removeprefix(http)
+    return url
+
+
 @app.command()
 def example() -> None:
     """Print the shipped example agent file, to start your own: callbrain example > my.yaml"""
     typer.echo(example_agent_path().read_text(encoding="utf-8"), nl=False)
+
+
+app.command("fake-llm")(fake_llm)
+app.command("chat")(chat_command)

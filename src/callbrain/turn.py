@@ -124,8 +124,11 @@ class Turn:
                 if isinstance(chunk, ToolCall):
                     calls.append(chunk)
                 elif isinstance(chunk, TextDelta) and chunk.text:
+                    # Deltas of one completion join as they are ("Av" + "a", "I" + "'m");
+                    # only its first may need a space after what was said before it.
+                    sent = await self._say(chunk.text, verbatim=bool(text))
                     text.append(chunk.text)
-                    if await self._say(chunk.text) and self.report.first_text is None:
+                    if sent and self.report.first_text is None:
                         self.report.first_text = time.perf_counter()
         return "".join(text), calls
 
@@ -151,9 +154,13 @@ class Turn:
         finally:
             batch.cancel()  # no-op once done; stops read-only tools if we were cancelled
 
-    async def _say(self, text: str, *, complete: bool = False, **fields: Any) -> bool:
-        """Send ``text``, with a space before it if it would run into what was said."""
-        if text and self._spoken and not self._spoken[-1].isspace() and not text[0].isspace():
+    async def _say(
+        self, text: str, *, complete: bool = False, verbatim: bool = False, **fields: Any
+    ) -> bool:
+        """Send ``text``; a separate line (not ``verbatim``) gets a space before it
+        if it would run into what was said."""
+        joins = text and self._spoken and not self._spoken[-1].isspace()
+        if not verbatim and joins and not text[0].isspace():
             text = " " + text
         if self.actions.no_interruption_allowed:
             fields["no_interruption_allowed"] = True

@@ -9,6 +9,7 @@ official SDKs run end to end. See the README's "Testing your agent" section.
 from __future__ import annotations
 
 from callbrain.testing.agent_server import serve_agent
+from callbrain.testing.checker import ProtocolChecker, Violation
 from callbrain.testing.client import ResponseTurn, RetellClient, agent, user
 from callbrain.testing.fake_llm import (
     FakeAnthropicServer,
@@ -25,10 +26,12 @@ __all__ = [
     "FakeLLMServer",
     "FakeOpenAIServer",
     "FakeToolCall",
+    "ProtocolChecker",
     "RecordedRequest",
     "Reply",
     "ResponseTurn",
     "RetellClient",
+    "Violation",
     "agent",
     "serve_agent",
     "serve_asgi",

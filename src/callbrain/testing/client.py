@@ -27,6 +27,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from callbrain.testing.checker import ProtocolChecker
+
 Frame = dict[str, Any]
 
 
@@ -66,9 +68,15 @@ class RetellClient:
 
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
+        self.checker = ProtocolChecker()
+        """Every frame in both directions goes through it: protocol violations and
+        per-turn timings are in ``checker.violations`` and ``checker.turns``."""
         self.frames: list[Frame] = []
-        """Every frame received, in order, parsed from JSON."""
+        """Every frame received, in order, parsed from JSON (frames that are not
+        JSON objects are only reported by the checker)."""
         self.received_at: list[float] = []
+        self.sent: list[Frame] = []
+        """Every JSON object frame sent, in order."""
         """``time.monotonic()`` when each frame arrived."""
         self.transcript: list[Frame] = []
         self.latest_response_id = 0
@@ -77,19 +85,33 @@ class RetellClient:
         self._cursor = 0  # next_frame()'s position in frames
         self._changed = asyncio.Condition()
         self._reader = asyncio.create_task(self._read())
+        self._pinger: asyncio.Task[None] | None = None
+        self._last_ping = 0
 
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(
-        cls, base_url: str, call_id: str = "test-call", *, open_timeout: float = 7.0
+        cls,
+        base_url: str,
+        call_id: str = "test-call",
+        *,
+        open_timeout: float = 7.0,
+        ping_interval: float | None = None,
     ) -> AsyncIterator[RetellClient]:
-        """Connect to ``{base_url}/{call_id}`` as Retell does (it appends the call id)."""
+        """Connect to ``{base_url}/{call_id}`` as Retell does (it appends the call id).
+
+        ``ping_interval`` (Retell uses 2 s when ``auto_reconnect`` is on) sends
+        ``ping_pong`` in the background; the checker reports late echoes.
+        """
         url = base_url.rstrip("/") + "/" + call_id
         async with connect(url, open_timeout=open_timeout, max_size=None) as ws:
             client = cls(ws)
+            if ping_interval is not None:
+                client.start_pinging(ping_interval)
             try:
                 yield client
             finally:
+                client.stop_pinging()
                 client._reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await client._reader
@@ -99,10 +121,13 @@ class RetellClient:
     async def _read(self) -> None:
         try:
             async for message in self._ws:
-                frame = orjson.loads(message)
+                now = time.monotonic()
+                frame = self.checker.on_received(message, now)
+                if frame is None:
+                    continue
                 async with self._changed:
                     self.frames.append(frame)
-                    self.received_at.append(time.monotonic())
+                    self.received_at.append(now)
                     self._changed.notify_all()
         except ConnectionClosed:
             pass
@@ -165,6 +190,15 @@ class RetellClient:
         """Send a frame as is: a dict as JSON text, a str as text, bytes as a binary frame."""
         if isinstance(frame, dict):
             frame = orjson.dumps(frame).decode()
+        # What went out, not the caller's dict: its transcript list keeps changing.
+        try:
+            parsed = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            parsed = None
+        # Recorded before the send: a fast server may answer before send() returns.
+        if isinstance(parsed, dict):
+            self.sent.append(parsed)
+            self.checker.on_sent(parsed, time.monotonic())
         await self._ws.send(frame)
 
     async def send_call_details(self, call: Frame) -> None:
@@ -203,7 +237,7 @@ class RetellClient:
 
     async def ping(self, timestamp: int | None = None, timeout: float = 5.0) -> float:
         """Send ``ping_pong`` and wait for its echo; returns the round trip in seconds."""
-        ts = int(time.time() * 1000) if timestamp is None else timestamp
+        ts = self._ping_timestamp() if timestamp is None else timestamp
         start = time.monotonic()
         seen = len(self.frames)
         await self.send({"interaction_type": "ping_pong", "timestamp": ts})
@@ -217,5 +251,29 @@ class RetellClient:
         await self.wait_for(echoed, timeout)
         return time.monotonic() - start
 
+    def start_pinging(self, interval: float = 2.0) -> None:
+        """Send ``ping_pong`` every ``interval`` seconds without waiting for the echo."""
+        self.stop_pinging()
+        self._pinger = asyncio.create_task(self._ping_every(interval))
+
+    def stop_pinging(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+
+    def _ping_timestamp(self) -> int:
+        # Retell's timestamps are milliseconds; two pings in one millisecond would
+        # share an echo, so the timestamp only ever moves forward.
+        self._last_ping = max(int(time.time() * 1000), self._last_ping + 1)
+        return self._last_ping
+
+    async def _ping_every(self, interval: float) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while not self.closed:
+                ts = self._ping_timestamp()
+                await self.send({"interaction_type": "ping_pong", "timestamp": ts})
+                await asyncio.sleep(interval)
+
     async def close(self) -> None:
+        self.stop_pinging()
         await self._ws.close()

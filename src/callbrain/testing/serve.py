@@ -27,7 +27,10 @@ async def serve_asgi(
     **uvicorn_options: Any,
 ) -> AsyncIterator[str]:
     """Serve ``app`` until the block exits; yields its base URL, ``http://host:port``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on
+    # sockets whose proto says TCP. Without it each streamed chunk on a reused
+    # keep-alive connection waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]

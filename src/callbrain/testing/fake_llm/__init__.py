@@ -20,6 +20,11 @@ example, proof that cancelling a consumer closed the provider connection::
 
     await fake.wait_for_outcome(0, "client_disconnected", timeout=1.0)
 
+A :data:`ReplyFunction` as ``default`` chooses each reply from the request
+instead, and ``record=False`` keeps a long-running fake from growing; that is
+how ``callbrain fake-llm`` (:mod:`callbrain.testing.fake_llm.command`) serves
+seeded random mixes of good, failing and stalling replies for load tests.
+
 Provider specifics live in small per-provider encoder functions so that new
 reply features (tool calls) only add encoders.
 """
@@ -33,6 +38,7 @@ from callbrain.testing.fake_llm.base import (
     Outcome,
     RecordedRequest,
     Reply,
+    ReplyFunction,
 )
 from callbrain.testing.fake_llm.openai import FakeOpenAIServer
 
@@ -44,4 +50,5 @@ __all__ = [
     "Outcome",
     "RecordedRequest",
     "Reply",
+    "ReplyFunction",
 ]

@@ -10,12 +10,13 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +28,9 @@ Outcome = Literal["open", "completed", "client_disconnected", "dropped", "error_
 """How a recorded request ended; ``"open"`` while it is still being answered."""
 
 JSONObject = dict[str, Any]
+
+_ORJSON = orjson.OPT_NON_STR_KEYS
+"""Like ``json.dumps``, which turns non-string keys of scripted arguments into strings."""
 
 _WORD = re.compile(r"\s*\S+\s*$|\s*\S+|\s+")
 
@@ -105,6 +109,12 @@ class Reply:
         return [*self.deltas, *self.tool_calls]
 
 
+ReplyFunction = Callable[[JSONObject], Reply]
+"""Chooses the reply to one request from its parsed JSON body (a non-object
+body arrives as ``{"_not_an_object": body}``). Called once per request, in
+arrival order, on the event loop: keep it quick and do not block."""
+
+
 @dataclass
 class RecordedRequest:
     """One HTTP request the fake received, and what became of it."""
@@ -152,9 +162,19 @@ class FakeLLMServer(ABC):
     """Provider-agnostic scripting, recording and lifecycle of a fake provider.
 
     Replies are served first in, first out; when the script runs out, every
-    further request gets ``default`` (``Reply()`` unless given). Use it as
-    ``async with Server(...) as fake:`` or call :meth:`start` and :meth:`stop`.
-    Subclasses provide the route and the wire-format encoders.
+    further request gets ``default`` (``Reply()`` unless given), or, when
+    ``default`` is a :data:`ReplyFunction`, whatever it returns for that
+    request (a reply that depends on the conversation, or a random mix of
+    failures for a load test). Use it as ``async with Server(...) as fake:`` or
+    call :meth:`start` and :meth:`stop`; it listens on ``host`` and ``port``
+    (``0``: a free port). Subclasses provide the route and the wire-format
+    encoders.
+
+    ``record=False`` keeps :attr:`requests` empty, so a long-running fake (the
+    ``callbrain fake-llm`` command) does not grow with every request it
+    serves. :attr:`received` and :attr:`outcomes` still count them, and
+    :meth:`wait_until` can wait on those counts; the ``wait_for_*`` helpers
+    look at :attr:`requests`, so they are of no use then.
     """
 
     route: ClassVar[str]
@@ -162,14 +182,32 @@ class FakeLLMServer(ABC):
     api_prefix: ClassVar[str] = ""
     """What :attr:`base_url` adds to the server root (the SDK adds the rest)."""
 
-    def __init__(self, *replies: Reply, default: Reply | None = None) -> None:
+    def __init__(
+        self,
+        *replies: Reply,
+        default: Reply | ReplyFunction | None = None,
+        record: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self._script: deque[Reply] = deque(replies)
-        self.default = default if default is not None else Reply()
+        self.default: Reply | ReplyFunction = default if default is not None else Reply()
+        self.record = record
+        self.host = host
+        self.port = port
         self.requests: list[RecordedRequest] = []
+        self.received = 0
+        """Requests received since the start (or the last :meth:`reset`), recorded or not."""
+        self.outcomes: Counter[Outcome] = Counter()
+        """How many requests ended each way (open ones are not counted yet)."""
         self._root: str | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
-        self._stopping = asyncio.Event()
+        self._stopping = False
+        self._sleepers: set[asyncio.Future[None]] = set()
+        """The pauses in progress, for :meth:`abort_streams` to cut short."""
         self._changed = asyncio.Event()
+        self._watchers = 0
+        """How many :meth:`wait_until` calls are waiting on ``_changed``."""
 
     # -- scripting and lifecycle ------------------------------------------------
 
@@ -177,8 +215,9 @@ class FakeLLMServer(ABC):
         """Queue more replies after those already scripted."""
         self._script.extend(replies)
 
-    def reset(self, *replies: Reply, default: Reply | None = None) -> None:
-        """Start over with a new script and no recorded requests, still serving.
+    def reset(self, *replies: Reply, default: Reply | ReplyFunction | None = None) -> None:
+        """Start over with a new script, no recorded requests and zero counts,
+        still serving.
 
         Lets one long-lived server (say, a module-scoped fixture) serve many
         tests without paying for a restart in each.
@@ -186,6 +225,8 @@ class FakeLLMServer(ABC):
         self._script = deque(replies)
         self.default = default if default is not None else Reply()
         self.requests = []
+        self.received = 0
+        self.outcomes = Counter()
 
     @property
     def base_url(self) -> str:
@@ -194,23 +235,40 @@ class FakeLLMServer(ABC):
             raise RuntimeError(f"{type(self).__name__} is not running; use 'async with' or start()")
         return self._root + self.api_prefix
 
+    def asgi_app(self) -> Starlette:
+        """The fake as an ASGI app, for a server run some other way than
+        :meth:`start` (``callbrain fake-llm`` runs uvicorn as the process's
+        server). That server should call :meth:`abort_streams` as it begins to
+        shut down, or stalled streams hold it up until its graceful timeout."""
+        # Deliberate drops would each log a traceback as "Exception in ASGI application".
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_DROPS)
+        return Starlette(routes=[Route(self.route, self._handle, methods=["POST"])])
+
+    def abort_streams(self) -> None:
+        """Abort every stream waiting on its script (a ttft, a chunk delay or a
+        stall), now and from now on; :meth:`stop` does this first."""
+        self._stopping = True
+        for waiter in self._sleepers:
+            _wake(waiter)
+
     async def start(self) -> None:
-        """Start serving on a free loopback port."""
+        """Start serving on ``host`` and ``port`` in the running event loop."""
         if self._exit_stack is not None:
             raise RuntimeError(f"{type(self).__name__} is already running")
-        self._stopping = asyncio.Event()
+        self._stopping = False
         self._changed = asyncio.Event()
-        app = Starlette(routes=[Route(self.route, self._handle, methods=["POST"])])
+        app = self.asgi_app()
         stack = contextlib.AsyncExitStack()
-        self._root = await stack.enter_async_context(serve_asgi(app))
+        self._root = await stack.enter_async_context(
+            serve_asgi(app, host=self.host, port=self.port)
+        )
         self._exit_stack = stack
-        logging.getLogger("uvicorn.error").addFilter(_QUIET_DROPS)
 
     async def stop(self) -> None:
         """Stop serving; streams still open (stalled ones too) are aborted."""
         if self._exit_stack is None:
             return
-        self._stopping.set()
+        self.abort_streams()
         stack, self._exit_stack = self._exit_stack, None
         try:
             await stack.aclose()
@@ -236,7 +294,9 @@ class FakeLLMServer(ABC):
         self, predicate: Callable[[], bool], *, timeout: float = 2.0, what: str = "condition"
     ) -> None:
         """Wait until ``predicate()`` is true; it is re-checked on every change
-        to :attr:`requests`. Raises :class:`TimeoutError` after ``timeout`` s."""
+        (a request arriving, a chunk sent, an outcome settled). Raises
+        :class:`TimeoutError` after ``timeout`` s."""
+        self._watchers += 1
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -249,6 +309,8 @@ class FakeLLMServer(ABC):
             raise TimeoutError(
                 f"{what} not met within {timeout}s; requests (outcome/chunks): [{seen}]"
             ) from None
+        finally:
+            self._watchers -= 1
 
     async def wait_for_requests(self, count: int, *, timeout: float = 2.0) -> list[RecordedRequest]:
         """Wait until at least ``count`` requests have arrived; returns them all."""
@@ -283,29 +345,36 @@ class FakeLLMServer(ABC):
         return recorded
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # Called for every content chunk: with nobody in wait_until (always so
+        # in a load test) skip making a new Event each time.
+        if self._watchers:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     def _settle(self, recorded: RecordedRequest, outcome: Outcome) -> None:
         if recorded.outcome == "open":
             recorded.outcome = outcome
             recorded.ended = time.monotonic()
+            self.outcomes[outcome] += 1
             self._notify()
 
     # -- serving ---------------------------------------------------------------
 
     async def _handle(self, request: Request) -> Response:
-        body = await request.json()
-        reply = self._script.popleft() if self._script else self.default
+        raw = await request.json()
+        body: JSONObject = raw if isinstance(raw, dict) else {"_not_an_object": raw}
         recorded = RecordedRequest(
-            index=len(self.requests),
+            index=self.received,
             path=request.url.path,
-            body=body if isinstance(body, dict) else {"_not_an_object": body},
+            body=body,
             headers={name.lower(): value for name, value in request.headers.items()},
-            reply=reply,
+            reply=self._reply_for(body),
         )
-        self.requests.append(recorded)
+        self.received += 1
+        if self.record:
+            self.requests.append(recorded)
         self._notify()
+        reply = recorded.reply
         headers = self._response_headers(recorded)
         if reply.status is not None:
             if reply.status == 429:
@@ -325,6 +394,13 @@ class FakeLLMServer(ABC):
         return StreamingResponse(
             self._stream(recorded), headers=headers, media_type="text/event-stream"
         )
+
+    def _reply_for(self, body: JSONObject) -> Reply:
+        if self._script:
+            return self._script.popleft()
+        if isinstance(self.default, Reply):
+            return self.default
+        return self.default(body)
 
     async def _stream(self, recorded: RecordedRequest) -> AsyncIterator[bytes]:
         """The SSE body: preamble at once, paced content, then the epilogue."""
@@ -365,13 +441,29 @@ class FakeLLMServer(ABC):
             await self._pause(None)
 
     async def _pause(self, seconds: float | None) -> None:
-        """Sleep (``None``: forever), but abort the stream if the server stops."""
+        """Sleep (``None``: forever), but abort the stream if the server stops.
+
+        A bare future and timer, like ``asyncio.sleep``, that
+        :meth:`abort_streams` can resolve early: this runs before every content
+        chunk, and ``asyncio.timeout`` around an ``Event.wait`` costs several
+        times more (each expiry cancels the task and raises through it).
+        """
         if seconds is not None and seconds <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
-                raise _DropConnection
+        if self._stopping:
+            raise _DropConnection
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, _wake, waiter)
+        self._sleepers.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._sleepers.discard(waiter)
+            if timer is not None:
+                timer.cancel()
+        if self._stopping:
+            raise _DropConnection
 
     # -- provider hooks --------------------------------------------------------
 
@@ -406,8 +498,15 @@ class FakeLLMServer(ABC):
         """SSE frames that end a complete stream."""
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def sse(data: JSONObject | str, event: str | None = None) -> bytes:
-    """Encode one Server-Sent Event the way the providers do (compact JSON)."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode()
+    """Encode one Server-Sent Event the way the providers do (compact JSON, as
+    UTF-8). orjson: this runs for every content chunk, and the stdlib encoder
+    was a large share of the fake's CPU time under load."""
+    payload = data.encode() if isinstance(data, str) else orjson.dumps(data, option=_ORJSON)
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + payload + b"\n\n"

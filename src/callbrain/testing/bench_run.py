@@ -1,0 +1,279 @@
+"""``callbrain bench``: start what the load needs, run it, report.
+
+Without a URL the bench starts two processes of its own: ``callbrain fake-llm``
+(the model, with a fixed time to first token and token rate) and ``callbrain
+serve`` on an agent pointed at it, and samples the server's CPU time and peak
+memory while the load runs. They are separate processes so that the server
+gets a core of its own, as it would in production, and so its CPU time is
+its own. ``--compare URL`` then runs the same load against a second server
+(anyone's, pointed at the same fake) and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from callbrain.server import DEFAULT_PREFIX
+from callbrain.testing.bench import LoadOptions, LoadReport, run_load
+
+_READY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class FakeModel:
+    """How the bench's fake model answers."""
+
+    ttft_s: float = 0.3
+    token_rate: float = 50.0
+    text: str = (
+        "Sure, we have a few openings next week. Tuesday at ten thirty and Thursday "
+        "at two are both free. Which one works better for you?"
+    )
+
+
+@dataclass
+class ProcessUsage:
+    """A child process's CPU time during the load, and its peak resident memory."""
+
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def raise_open_files_limit() -> int:
+    """Thousands of calls need thousands of sockets; lift the soft limit to the hard one.
+
+    Child processes (the server the bench starts) inherit it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+@contextlib.asynccontextmanager
+async def child(args: list[str], port: int, name: str) -> AsyncIterator[psutil.Process]:
+    """Run ``python -m callbrain *args`` until the block ends; ready once ``port`` accepts."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the process
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "callbrain", *args, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while True:
+            if proc.returncode is not None:
+                log.seek(0)
+                output = log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{output}")
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not listen on port {port} within 60 s")
+            await asyncio.sleep(0.1)
+        yield psutil.Process(proc.pid)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(15):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+
+
+@contextlib.asynccontextmanager
+async def sampled(process: psutil.Process | None) -> AsyncIterator[ProcessUsage]:
+    """CPU seconds used by ``process`` inside the block, and its peak RSS."""
+    usage = ProcessUsage()
+    if process is None:
+        yield usage
+        return
+
+    def cpu() -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    def sample() -> None:
+        usage.peak_rss_mb = max(usage.peak_rss_mb, process.memory_info().rss / 2**20)
+
+    async def keep_sampling() -> None:
+        while True:
+            with contextlib.suppress(psutil.Error):
+                sample()
+            await asyncio.sleep(0.25)
+
+    before = cpu()
+    sampler = asyncio.create_task(keep_sampling())
+    try:
+        yield usage
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        with contextlib.suppress(psutil.Error):
+            sample()
+            usage.cpu_s = cpu() - before
+
+
+def bench_agent(llm_url: str) -> dict[str, Any]:
+    """The agent the bench serves: a short greeting, no tools, the fake model."""
+    return {
+        "name": "bench",
+        "system_prompt": "You are a receptionist. Answer in one or two short sentences.",
+        "begin_message": "Hi, thanks for calling. How can I help?",
+        "llm": {
+            "provider": "openai",
+            "model": "bench",
+            "base_url": llm_url,
+            "api_key": "bench",
+            "max_retries": 0,
+        },
+    }
+
+
+@contextlib.asynccontextmanager
+async def fake_model(model: FakeModel, port: int) -> AsyncIterator[psutil.Process]:
+    args = ["fake-llm", "--port", str(port), "--ttft", str(model.ttft_s)]
+    args += ["--token-rate", str(model.token_rate), "--text", model.text, "--log-level", "warning"]
+    async with child(args, port, "callbrain fake-llm") as process:
+        yield process
+
+
+@contextlib.asynccontextmanager
+async def callbrain_server(llm_url: str) -> AsyncIterator[tuple[str, psutil.Process]]:
+    """``callbrain serve`` on the bench agent; yields its Retell URL and its process."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        agent = Path(folder) / "bench-agent.yaml"
+        agent.write_text(yaml.safe_dump(bench_agent(llm_url)), encoding="utf-8")
+        args = ["serve", "--agent", str(agent), "--port", str(port), "--log-level", "warning"]
+        async with child(args, port, "callbrain serve") as process:
+            yield f"ws://127.0.0.1:{port}{DEFAULT_PREFIX}", process
+
+
+async def bench_one(
+    url: str, options: LoadOptions, server: psutil.Process | None
+) -> dict[str, Any]:
+    """One load run against ``url``; the server's usage when we know its process."""
+    async with sampled(server) as usage:
+        report: LoadReport = await run_load(url, options)
+    result = {"target": url, **report.to_json()}
+    if server is not None:
+        result["server_cpu_s"] = round(usage.cpu_s, 2)
+        result["server_peak_rss_mb"] = round(usage.peak_rss_mb, 1)
+    return result
+
+
+async def run_bench(
+    url: str | None,
+    options: LoadOptions,
+    model: FakeModel,
+    *,
+    compare: str | None = None,
+    fake_llm_port: int | None = None,
+) -> dict[str, Any]:
+    """The whole ``callbrain bench`` run: the report as the JSON it prints."""
+    limit = raise_open_files_limit()
+    result: dict[str, Any] = {
+        "options": {**asdict(options), "ramp_s": options.ramp},
+        "fake_llm": asdict(model),
+        "open_files_limit": limit,
+        "cores": os.cpu_count(),
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        fake = None
+        if url is None or fake_llm_port is not None:
+            port = fake_llm_port or free_port()
+            fake = await stack.enter_async_context(fake_model(model, port))
+            result["fake_llm"]["url"] = f"http://127.0.0.1:{port}/v1"
+        server = None
+        if url is None:
+            served = callbrain_server(result["fake_llm"]["url"])
+            target, server = await stack.enter_async_context(served)
+        else:
+            target = url
+        async with sampled(fake) as fake_usage:
+            runs = [await bench_one(target, options, server)]
+            if compare is not None:
+                runs.append(await bench_one(compare, options, None))
+        if fake is not None:
+            result["fake_llm"]["cpu_s"] = round(fake_usage.cpu_s, 2)
+    result["runs"] = runs
+    if len(runs) == 2:
+        result["ratios"] = ratios(runs[0], runs[1])
+    return result
+
+
+def ratios(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float | None]:
+    """``second / first`` for each latency percentile (above 1: the second is slower)."""
+    out: dict[str, float | None] = {}
+    for metric in ("added_latency_ms", "ping_rtt_ms"):
+        for key, a in first[metric].items():
+            b = second[metric].get(key)
+            ok = isinstance(a, float | int) and isinstance(b, float | int) and a > 0
+            out[f"{metric}.{key}"] = round(b / a, 2) if ok else None
+    return out
+
+
+def print_report(result: dict[str, Any], console: Console) -> None:
+    """The report as a table: one column per server run."""
+    runs = result["runs"]
+    table = Table(title="callbrain bench", title_justify="left")
+    table.add_column("")
+    for run in runs:
+        table.add_column(run["target"], justify="right")
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("calls (connected)", lambda r: f"{r['calls']} ({r['connected']})"),
+        ("turns (interrupted)", lambda r: f"{r['turns']} ({r['interrupted_turns']})"),
+        ("added latency p50 / p95 / p99 ms", lambda r: _ms(r["added_latency_ms"])),
+        ("ping RTT p50 / p99 ms", lambda r: _ms(r["ping_rtt_ms"])),
+        ("missed pings", lambda r: str(r["missed_pings"])),
+        ("stale frames", lambda r: str(r["stale_frames"])),
+        ("incomplete turns", lambda r: str(r["incomplete_turns"])),
+        ("errors", lambda r: str(r["errors"])),
+        ("server CPU s", lambda r: str(r.get("server_cpu_s", "-"))),
+        ("server peak RSS MB", lambda r: str(r.get("server_peak_rss_mb", "-"))),
+        ("bench loop lag p99 ms", lambda r: _ms(r["client_loop_lag_ms"], ("p99",))),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(run) for run in runs))
+    console.print(table)
+    for run in runs:
+        for sample in run["error_samples"]:
+            console.print(f"[red]error[/red] {sample}", highlight=False, markup=False)
+    if "ratios" in result:
+        shown = ", ".join(f"{k} x{v}" for k, v in result["ratios"].items() if v is not None)
+        console.print(f"second / first: {shown}", highlight=False)
+
+
+def _ms(values: dict[str, float | None], keys: tuple[str, ...] | None = None) -> str:
+    chosen = [values[k] for k in (keys or tuple(values))]
+    return " / ".join("-" if v is None else f"{v:.1f}" for v in chosen)

@@ -1,0 +1,366 @@
+"""``callbrain chat``: the caller's side of a call, against a real server on real sockets.
+
+The core (:class:`ChatCall`) is driven directly against callbrain serving an
+agent whose model is a scripted fake OpenAI server; replies that must still be
+streaming when the caller cuts in stall (``stall_after``) instead of relying on
+a delay, so nothing here depends on timing. The command itself runs once piped,
+as a script would run it, on the shipped local model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+from websockets.asyncio.server import ServerConnection, serve
+
+from callbrain.agent import Agent
+from callbrain.call_control import CallControl
+from callbrain.llm import OpenAIConfig
+from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_agent
+from callbrain.testing.chat import ChatCall, ConsoleOutput
+from callbrain.testing.client import agent, user
+from callbrain.tools import tool
+
+REMINDER = "(REMIND THE CALLER)"
+
+
+@tool
+def check_availability(day: str) -> dict[str, Any]:
+    """Free appointment times on a day.
+
+    Args:
+        day: The day, e.g. "friday".
+    """
+    return {"day": day, "free": ["09:00", "15:30"]}
+
+
+class RecordingOutput(ConsoleOutput):
+    """The real console output, into a string, also noting each streamed chunk."""
+
+    def __init__(self) -> None:
+        super().__init__(Console(file=io.StringIO(), color_system=None, width=200))
+        self.chunks: list[str] = []
+
+    def stream(self, key: str, prefix: Text, text: Text) -> None:
+        self.chunks.append(text.plain)
+        super().stream(key, prefix, text)
+
+    @property
+    def text(self) -> str:
+        file = self.console.file
+        assert isinstance(file, io.StringIO)
+        return file.getvalue()
+
+    @property
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
+
+
+@dataclass
+class Session:
+    chat: ChatCall
+    client: RetellClient
+    out: RecordingOutput
+    fake: FakeOpenAIServer
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll: the conditions span the output, the chat's counters and the socket,
+    which share no event to wait on."""
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def make_agent(fake: FakeOpenAIServer, **overrides: Any) -> Agent:
+    fields: dict[str, Any] = {
+        "name": "chat-test",
+        "begin_message": "Hello!",
+        "reminder_prompt": REMINDER,
+        "holding_messages": ["One moment."],
+        "tool_filler_after_s": None,
+        "tools": [
+            check_availability,
+            {"type": "end_call", "message": "Goodbye!"},
+            {"type": "transfer_call", "number": "+14155550100"},
+            {"type": "press_digit"},
+        ],
+        "llm": OpenAIConfig(
+            provider="openai",
+            model="test-model",
+            base_url=fake.base_url,
+            api_key="test-key",
+            max_retries=0,
+        ),
+    }
+    return Agent(**{**fields, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def chatting(
+    *replies: Reply, variables: dict[str, str] | None = None, **options: Any
+) -> AsyncIterator[Session]:
+    """A chat with the agent, its greeting already shown."""
+    agent_options = options.pop("agent", {})
+    hook = options.pop("on_call_start", None)
+    async with (
+        FakeOpenAIServer(*replies) as fake,
+        serve_agent(make_agent(fake, **agent_options), on_call_start=hook) as url,
+        RetellClient.connect(url, "chat-test") as client,
+    ):
+        out = RecordingOutput()
+        chat = ChatCall(client, out, call_id="chat-test", dynamic_variables=variables, **options)
+        chat.start()
+        try:
+            assert await chat.wait_idle(10)
+            yield Session(chat, client, out, fake)
+        finally:
+            await chat.aclose()
+
+
+async def test_the_greeting_and_a_reply_stream_in_and_join_the_transcript() -> None:
+    async with chatting(Reply("We open at nine on Monday.")) as s:
+        assert await s.chat.handle_line("When do you open?")
+        assert await s.chat.wait_idle(10)
+        assert s.out.lines[-3:] == [
+            "agent: Hello!",
+            "you: When do you open?",
+            "agent: We open at nine on Monday.",
+        ]
+        assert len(s.out.chunks) > 3  # word by word, not one line at the end
+        assert s.client.transcript == [
+            agent("Hello!"),
+            user("When do you open?"),
+            agent("We open at nine on Monday."),
+        ]
+
+
+async def test_tool_invocations_and_results_are_shown() -> None:
+    async with chatting(
+        Reply(
+            "",
+            tool_calls=[
+                FakeToolCall("check_availability", {"day": "friday"}),
+                FakeToolCall("check_availability", '{"weekday": 5}'),
+            ],
+        ),
+        Reply("Friday at nine."),
+    ) as s:
+        await s.chat.handle_line("Anything on Friday?")
+        assert await s.chat.wait_idle(10)
+        lines = s.out.lines
+        assert '  tool   check_availability {"day":"friday"}' in lines
+        assert '  tool   check_availability {"weekday": 5}' in lines  # as sent
+        [ok] = [line for line in lines if line.startswith("  result ok")]
+        assert json.loads(ok.removeprefix("  result ok ")) == {
+            "day": "friday",
+            "free": ["09:00", "15:30"],
+        }
+        assert any(line.startswith("  result failed") and "day" in line for line in lines)
+        # The holding line, the tool lines, then the rest of the same reply.
+        assert lines.index("agent: One moment.") < lines.index("agent: ... Friday at nine.")
+
+
+async def test_the_agent_hanging_up_ends_the_chat() -> None:
+    async with chatting(Reply("", tool_calls=[FakeToolCall("end_call")])) as s:
+        await s.chat.handle_line("That's all, bye.")
+        await asyncio.wait_for(s.chat.ended.wait(), 10)
+        assert s.out.lines[-2:] == ["agent: Goodbye!", "  the agent hung up"]
+        assert s.chat.exit_code == 0
+        assert not await s.chat.handle_line("hello?")
+
+
+async def test_call_control_frames_are_shown() -> None:
+    async def on_call_start(control: CallControl) -> None:
+        await control.send_metadata({"screen": "intake"})
+        await control.update_agent(responsiveness=0.5)
+        await control.interrupt("Quick note before we start.")
+
+    async with chatting(
+        Reply("Sure.", tool_calls=[FakeToolCall("transfer_call")]),
+        Reply("", tool_calls=[FakeToolCall("press_digit", {"digits": "1#"})]),
+        on_call_start=on_call_start,
+    ) as s:
+        await until(lambda: "agent (unprompted): Quick note before we start." in s.out.lines)
+        assert 'metadata {"screen":"intake"}' in s.out.lines
+        assert 'update_agent {"responsiveness":0.5}' in s.out.lines
+        await s.chat.handle_line("Can I talk to a person?")
+        assert await s.chat.wait_idle(10)
+        assert s.out.lines[-1] == "  transfer to +14155550100 (Retell would transfer the call now)"
+        await s.chat.handle_line("Press one for me.")
+        assert await s.chat.wait_idle(10)
+        assert s.out.lines[-1] == "  presses digits 1#"
+
+
+async def test_typing_over_a_streaming_reply_supersedes_it() -> None:
+    async with chatting(
+        Reply("One two three four.", stall_after=2),  # keeps streaming until cut off
+        Reply("Okay, I'll stop."),
+    ) as s:
+        await s.chat.handle_line("Tell me a story.")
+        await until(lambda: "agent: One two" in s.out.text)
+        assert s.chat.replying  # still open: the next line barges in
+        await s.chat.handle_line("Stop.")
+        assert s.client.latest_response_id == 2
+        assert await s.chat.wait_idle(10)
+        assert s.out.lines[-4:] == [
+            "you: Tell me a story.",
+            "agent: One two [interrupted]",
+            "you: Stop.",
+            "agent: Okay, I'll stop.",
+        ]
+        assert s.client.transcript == [
+            agent("Hello!"),
+            user("Tell me a story."),
+            agent("One two"),
+            user("Stop."),
+            agent("Okay, I'll stop."),
+        ]
+        # The server answered response 2 knowing what the caller had heard.
+        history = s.fake.requests[1].body["messages"]
+        assert {"role": "assistant", "content": "One two"} in history
+
+
+async def test_remind_asks_for_a_reminder_and_shows_it() -> None:
+    async with chatting(Reply("Hmm", stall_after=0), Reply("Are you still there?")) as s:
+        await s.chat.handle_line("/bogus")
+        assert s.out.lines[-1] == "unknown command /bogus; /help lists them"
+        await s.chat.handle_line("Hello?")
+        await s.fake.wait_for_requests(1, timeout=10)
+        # Retell asks for no reminder while a reply is open.
+        assert await s.chat.remind() is None
+        await s.chat.handle_line("Hi again.")  # supersedes the stalled reply
+        assert "agent: [interrupted]" in s.out.lines
+        await s.fake.wait_for_requests(2, timeout=10)
+        assert await s.chat.wait_idle(10)  # "Are you still there?" was its answer
+        s.fake.script(Reply("Still with me?"))
+        await s.chat.handle_line("/remind")
+        assert await s.chat.wait_idle(10)
+        assert s.out.lines[-2:] == ["(caller stays silent)", "agent (reminder): Still with me?"]
+        assert REMINDER in json.dumps(s.fake.requests[-1].body["messages"][-1])
+        assert await s.chat.handle_line("/help") and "/remind" in s.out.text
+        assert not await s.chat.handle_line("/quit")
+
+
+async def test_config_gets_call_details_and_pings_that_are_echoed() -> None:
+    async with chatting(
+        variables={"first_name": "Sam"},
+        agent={"begin_message": "Hi {{first_name}}!", "wait_for_call_details": True},
+        ping_interval=0.02,
+    ) as s:
+        assert "agent: Hi Sam!" in s.out.lines
+        assert s.chat.config
+        assert s.chat.config["auto_reconnect"] is True and s.chat.config["call_details"] is True
+        await until(lambda: s.chat.pongs_received >= 3)
+        echoes = [f for f in s.client.frames if f.get("response_type") == "ping_pong"]
+        assert len(echoes) >= 3
+        assert "no ping_pong echo" not in s.out.text
+
+
+async def test_missing_echoes_warn_and_a_server_close_is_reported() -> None:
+    """A server that greets but never answers pings, then fails."""
+    fail = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"response_type": "config", "config": {"auto_reconnect": True}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "response_type": "response",
+                    "response_id": 0,
+                    "content": "Hi.",
+                    "content_complete": True,
+                }
+            )
+        )
+        await fail.wait()
+        await ws.close(1011)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1] if server.sockets else 0
+        async with RetellClient.connect(f"ws://127.0.0.1:{port}/llm-websocket") as client:
+            out = RecordingOutput()
+            chat = ChatCall(client, out, ping_interval=0.02, ping_timeout=0.1)
+            chat.start()
+            try:
+                await until(lambda: "no ping_pong echo" in out.text)
+                assert chat.pings_sent > 0 and chat.pongs_received == 0
+                fail.set()
+                await asyncio.wait_for(chat.ended.wait(), 10)
+            finally:
+                await chat.aclose()
+        assert out.lines[-1] == "the server closed the socket: code 1011 (a server error)"
+        assert chat.exit_code == 1
+
+
+# ------------------------------------------------------------------ the command
+
+
+def callbrain(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "callbrain", "chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+
+
+def test_piped_chat_with_no_url_talks_to_the_shipped_agent() -> None:
+    result = callbrain(stdin="hello\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("agent: Hi there, thanks for calling Sunrise Clinic")
+    you = lines.index("you: hello")
+    assert lines[you + 1].startswith("agent: ") and lines[you + 1].removeprefix("agent: ").strip()
+    assert "Starting agent clinic" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_agent_with_a_url_is_a_usage_error() -> None:
+    result = callbrain("ws://127.0.0.1:9/llm-websocket", "--agent", "x.yaml")
+    assert result.returncode == 2
+    assert "--agent" in result.stderr and "URL" in result.stderr
+
+
+def test_a_connection_that_fails_is_one_clear_line() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = callbrain(f"http://127.0.0.1:{port}/llm-websocket", "--call-id", "c1")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"error: cannot connect to ws://127.0.0.1:{port}/llm-websocket/c1"
+    )
+    assert "Traceback" not in result.stderr
+
+
+async def test_protocol_violations_are_shown_as_they_happen() -> None:
+    from misbehaving_server import app as misbehaving_app
+
+    from callbrain.testing import serve_asgi
+
+    async with serve_asgi(misbehaving_app) as http:
+        url = "ws" + http.removeprefix("http") + "/llm-websocket"
+        async with RetellClient.connect(url, "duplicate_complete") as client:
+            out = RecordingOutput()
+            chat = ChatCall(client, out, call_id="duplicate_complete")
+            chat.start()
+            try:
+                await chat.handle_line("When do you close?")
+                await until(lambda: "protocol: duplicate_complete" in out.text)
+            finally:
+                await chat.aclose()
+    assert "more than one content_complete for one response_id" in out.text
