@@ -69,7 +69,6 @@ import os
 import secrets
 import threading
 import urllib.request
-import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -81,17 +80,9 @@ from callbrain.llm.base import (
     LLMError,
     retryable_status,
 )
-from callbrain.llm.chat import (
-    ChatChunk,
-    ChatItem,
-    ChatRequest,
-    TextDelta,
-    ToolCallAssembler,
-    ToolOutput,
-    Usage,
-)
+from callbrain.llm.chat import ChatChunk, ChatItem, ChatRequest, ToolOutput
 from callbrain.llm.config import LocalConfig
-from callbrain.llm.openai_format import chat_messages, finished_calls, tool_params, used_call_ids
+from callbrain.llm.openai_format import ChunkReader, chat_messages, tool_params
 
 logger = logging.getLogger("callbrain.llm.local")
 
@@ -407,10 +398,7 @@ class LocalLLM(LLM):
         items: asyncio.Queue[_Item] = asyncio.Queue()
         gone = threading.Event()  # set when nobody reads any more: stop generating
         body = self._body(request)
-        calls = ToolCallAssembler()
-        # For ids llama.cpp leaves out; they must be unique across the conversation.
-        seed = f"{uuid.uuid4().hex[:8]}_"
-        taken = used_call_ids(request)
+        reader = ChunkReader(request, provider=PROVIDER)
 
         def deliver(item: _Item) -> None:
             if gone.is_set():
@@ -447,7 +435,6 @@ class LocalLLM(LLM):
         except RuntimeError as exc:  # executor shut down by aclose() meanwhile
             raise LLMError("local: the model has been closed", provider=PROVIDER) from exc
         try:
-            finished = False
             while (item := await items.get()) is not None:
                 if isinstance(item, Exception):
                     raise LLMError(
@@ -457,30 +444,9 @@ class LocalLLM(LLM):
                     ) from item
                 if "error" in item:
                     raise _error_from_llama(item["error"])
-                for choice in item.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    if text := delta.get("content"):
-                        yield TextDelta(text)
-                    for fragment in delta.get("tool_calls") or ():
-                        function = fragment.get("function") or {}
-                        calls.add(
-                            fragment.get("index", 0),
-                            id=fragment.get("id"),
-                            name=function.get("name"),
-                            arguments=function.get("arguments"),
-                        )
-                    if reason := choice.get("finish_reason"):
-                        finished = True
-                        ready = finished_calls(calls.calls(seed), reason, taken, provider=PROVIDER)
-                        for call in ready:
-                            yield call
-                        calls = ToolCallAssembler()
-                if usage := item.get("usage"):
-                    yield Usage(
-                        input_tokens=usage.get("prompt_tokens", 0),
-                        output_tokens=usage.get("completion_tokens", 0),
-                    )
-            if not finished:
+                for chunk in reader.feed(item):
+                    yield chunk
+            if not reader.finished:
                 # xllamacpp stops silently if a chunk fails to parse or our
                 # callback raises: do not pass a truncated answer off as complete.
                 raise LLMError("local: llama.cpp ended without a finish_reason", provider=PROVIDER)

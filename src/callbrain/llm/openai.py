@@ -8,7 +8,7 @@ its parameters, its chunks to neutral chunks, and its errors to
 
 Tool calls stream as fragments keyed by ``index`` (the name first, then the
 arguments a few tokens at a time), so they are assembled with
-:class:`~callbrain.llm.chat.ToolCallAssembler` and yielded whole when the
+:class:`~callbrain.llm.openai_format.ChunkReader` and yielded whole when the
 choice finishes: nothing can act on half a call. Text is yielded as it arrives,
 since the caller is waiting to hear it.
 
@@ -20,12 +20,10 @@ tools, and not every compatible server knows it.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncGenerator
-from typing import ClassVar, TypeVar, cast
+from typing import Any, ClassVar
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
 
 from callbrain.llm.base import (
     LLM,
@@ -33,19 +31,11 @@ from callbrain.llm.base import (
     resolve_api_key,
     retryable_status,
 )
-from callbrain.llm.chat import (
-    ChatChunk,
-    ChatRequest,
-    TextDelta,
-    ToolCallAssembler,
-    Usage,
-)
+from callbrain.llm.chat import ChatChunk, ChatRequest
 from callbrain.llm.config import OpenAIConfig
-from callbrain.llm.openai_format import chat_messages, finished_calls, tool_params, used_call_ids
+from callbrain.llm.openai_format import ChunkReader, chat_messages, tool_params
 
 PROVIDER = "openai"
-
-_T = TypeVar("_T")
 
 
 class OpenAILLM(LLM):
@@ -76,69 +66,45 @@ class OpenAILLM(LLM):
 
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         config = self.config
-        usage: Usage | None = None
-        calls = ToolCallAssembler()
-        # Only used when a compatible server leaves ids out; ids must still be
-        # unique across the conversation, so they cannot just be the index.
-        seed = f"{uuid.uuid4().hex[:8]}_"
-        taken = used_call_ids(request)
+        body: dict[str, Any] = {
+            "model": config.model,
+            "messages": chat_messages(request),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.tools:
+            body["tools"] = tool_params(request.tools)
+        for option in ("temperature", "top_p", "max_tokens"):
+            if (value := getattr(config, option)) is not None:
+                body[option] = value
+        body.update(config.extra_body)
+        reader = ChunkReader(request, provider=PROVIDER)
         try:
-            stream = await self._client.chat.completions.create(
-                model=config.model,
-                # The shared shapes are plain dicts; the SDK's are TypedDicts of the same.
-                messages=cast(list[ChatCompletionMessageParam], chat_messages(request)),
-                tools=(
-                    cast(list[ChatCompletionToolUnionParam], tool_params(request.tools))
-                    if request.tools
-                    else openai.omit
-                ),
+            # The SDK's own HTTP, retries, errors and SSE parsing, with two costs
+            # skipped: re-validating a body built from typed shapes, and a pydantic
+            # object per chunk (see openai_format.ChunkReader).
+            stream = await self._client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=object,
                 stream=True,
-                stream_options={"include_usage": True},
-                temperature=_given(config.temperature),
-                top_p=_given(config.top_p),
-                max_tokens=_given(config.max_tokens),
-                extra_body=config.extra_body or None,
+                stream_cls=openai.AsyncStream[object],
             )
             # The SDK stream owns the HTTP response: leaving this block for any
             # reason (end, error, cancellation, aclose) closes the connection.
             async with stream:
                 async for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    for choice in chunk.choices:
-                        delta = choice.delta
-                        if delta.content:
-                            yield TextDelta(delta.content)
-                        for fragment in delta.tool_calls or ():
-                            function = fragment.function
-                            calls.add(
-                                fragment.index,
-                                id=fragment.id,
-                                name=function.name if function else None,
-                                arguments=function.arguments if function else None,
-                            )
-                        if choice.finish_reason is not None:
-                            reason = choice.finish_reason
-                            for call in finished_calls(
-                                calls.calls(seed), reason, taken, provider=PROVIDER
-                            ):
-                                yield call
-                            calls = ToolCallAssembler()
+                    if isinstance(chunk, dict):
+                        for item in reader.feed(chunk):
+                            yield item
         except openai.APIError as exc:
             raise _translate(exc) from exc
         # Some compatible servers end the stream without a finish_reason.
-        for call in finished_calls(calls.calls(seed), "stop", taken, provider=PROVIDER):
+        for call in reader.end():
             yield call
-        if usage is not None:
-            yield usage
 
     async def aclose(self) -> None:
         await self._client.close()
-
-
-def _given(value: _T | None) -> _T | openai.Omit:
-    """Leave unset options out of the request rather than sending nulls."""
-    return openai.omit if value is None else value
 
 
 def _translate(exc: openai.APIError) -> LLMError:

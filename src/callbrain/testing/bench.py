@@ -49,8 +49,10 @@ class LoadOptions:
     """How long every call keeps talking once all calls are connected."""
     ramp_s: float | None = None
     """Spread the connects over this long (default: 200 calls a second)."""
-    pause_s: float = 4.0
-    """Mean silence between the end of a reply and the caller's next turn."""
+    pause_s: float = 8.0
+    """Mean time from the end of a reply's text to the caller's next turn. A reply
+    streams in well under a second but takes seconds to speak, and the caller then
+    talks, so 8 s is about the pace of a phone conversation."""
     interrupt_rate: float = 0.2
     """Share of turns the caller barges in on, after the reply's first chunk."""
     ttft_s: float = 0.3

@@ -39,6 +39,7 @@ async def serve_asgi(
         "lifespan": "on",
         "timeout_graceful_shutdown": 2,
         "ws": "websockets-sansio",
+        "ws_per_message_deflate": False,  # as `callbrain serve` runs
         **uvicorn_options,
     }
     server = uvicorn.Server(uvicorn.Config(app, **options))
