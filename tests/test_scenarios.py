@@ -225,3 +225,27 @@ async def test_an_unreachable_server_fails_the_scenario_not_the_run() -> None:
     result = await run_scenario(scenario, "ws://127.0.0.1:9/llm-websocket")
     assert not result.passed
     assert result.failures[0].startswith("could not connect to ws://127.0.0.1:9")
+
+
+async def test_callbrain_test_with_no_arguments_passes_on_the_shipped_agent(
+    tmp_path: Path,
+) -> None:
+    # What a new user runs first: the shipped scenarios, on the shipped agent and
+    # its embedded model, must pass (the scripted ones book and transfer for real).
+    report_path = tmp_path / "report.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callbrain",
+        "test",
+        "--json",
+        str(report_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, output.decode()
+    report = orjson.loads(report_path.read_bytes())
+    names = {s["name"] for s in report["scenarios"]}
+    assert {"caller barges in", "books an appointment, then hangs up"} <= names
+    assert len(names) == len(find_scenarios([EXAMPLES]))

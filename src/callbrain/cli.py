@@ -238,13 +238,12 @@ def _fail(message: str) -> NoReturn:
 
 
 def _ws_url(url: str | None) -> str | None:
-    """Retell's URL form: ws(s)://; http(s):// is accepted and converted."""
-    if url is None:
-        return None
-    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
-        if url.startswith(http):
-            return ws + url.removeprefix(http)
-    return url
+    from callbrain.testing.client import websocket_url
+
+    try:
+        return None if url is None else websocket_url(url)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 @app.command()

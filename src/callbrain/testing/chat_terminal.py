@@ -25,7 +25,7 @@ from websockets.exceptions import WebSocketException
 from callbrain.agent import Agent, AgentConfigError, example_agent_path
 from callbrain.testing.agent_server import serve_agent
 from callbrain.testing.chat import ChatCall, ChatOutput, ConsoleOutput, lstrip
-from callbrain.testing.client import RetellClient
+from callbrain.testing.client import RetellClient, websocket_url
 
 REPLY_TIMEOUT_S = 60.0
 """Piped mode stops waiting for a reply after this long and sends the next line."""
@@ -96,11 +96,10 @@ def _variable(entry: str) -> tuple[str, str]:
 
 
 def _websocket_url(url: str) -> str:
-    # Retell maps http(s) to ws(s) itself, so either form pasted from its dashboard works.
-    for scheme, ws in (("https://", "wss://"), ("http://", "ws://"), ("wss://", ""), ("ws://", "")):
-        if url.startswith(scheme):
-            return ws + url.removeprefix(scheme) if ws else url
-    raise _Usage(f"the URL must start with ws://, wss://, http:// or https://, got {url!r}")
+    try:
+        return websocket_url(url)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
 
 
 async def _main(

@@ -32,6 +32,20 @@ from callbrain.testing.checker import ProtocolChecker
 Frame = dict[str, Any]
 
 
+def websocket_url(url: str) -> str:
+    """The WebSocket form of a URL as pasted from Retell's dashboard.
+
+    Retell maps ``http(s)://`` to ``ws(s)://`` itself, so either form is accepted;
+    anything else is a ``ValueError`` whose message says what is expected.
+    """
+    for scheme, ws in (("https://", "wss://"), ("http://", "ws://")):
+        if url.startswith(scheme):
+            return ws + url.removeprefix(scheme)
+    if url.startswith(("ws://", "wss://")):
+        return url
+    raise ValueError(f"the URL must start with ws://, wss://, http:// or https://, got {url!r}")
+
+
 def user(text: str) -> Frame:
     """A caller utterance for a transcript."""
     return {"role": "user", "content": text}
