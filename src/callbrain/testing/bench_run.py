@@ -29,6 +29,7 @@ import psutil
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from callbrain.server import DEFAULT_PREFIX
 from callbrain.testing.bench import LoadOptions, LoadReport, run_load
@@ -268,7 +269,9 @@ def print_report(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     for run in runs:
         for sample in run["error_samples"]:
-            console.print(f"[red]error[/red] {sample}", highlight=False, markup=False)
+            console.print(Text("error ", style="red") + Text(sample), highlight=False)
+        if run["errors"] > len(run["error_samples"]):
+            console.print(f"... {run['errors']} errors in all", highlight=False)
     if "ratios" in result:
         shown = ", ".join(f"{k} x{v}" for k, v in result["ratios"].items() if v is not None)
         console.print(f"second / first: {shown}", highlight=False)
