@@ -227,8 +227,10 @@ async def run_bench(
                 runs.append(await bench_one(compare, options, None))
         if fake is not None:
             result["fake_llm"]["cpu_s"] = round(fake_usage.cpu_s, 2)
-    result["runs"] = runs
+    # The main run's numbers at the top, so `jq .added_latency_ms.p99` just works.
+    result = {**runs[0], **result}
     if len(runs) == 2:
+        result["compare"] = runs[1]
         result["ratios"] = ratios(runs[0], runs[1])
     return result
 
@@ -246,7 +248,7 @@ def ratios(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float | N
 
 def print_report(result: dict[str, Any], console: Console) -> None:
     """The report as a table: one column per server run."""
-    runs = result["runs"]
+    runs = [result, *([result["compare"]] if "compare" in result else [])]
     table = Table(title="callbrain bench", title_justify="left")
     table.add_column("")
     for run in runs:
