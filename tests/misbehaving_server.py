@@ -37,6 +37,8 @@ MODES = (
     "unmatched_tool_result",
     "turn_incomplete",
 )
+CLOSES = "closes"
+"""Not a protocol rule: answers one request, then closes the socket with 1011."""
 
 _CHUNKS = ("Sure, ", "let me ", "see. ", "We are ", "open ", "until six.")
 
@@ -117,6 +119,8 @@ class _Call:
         if mode == "turn_incomplete":
             return
         await self.send(frame("", True))
+        if mode == CLOSES:
+            await self.ws.close(1011)
         if mode == "duplicate_complete":
             await self.send(frame("", True))
         if mode == "frame_after_complete":

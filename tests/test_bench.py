@@ -147,6 +147,13 @@ async def test_the_bench_counts_unfinished_turns(misbehaving: str) -> None:
     assert report.incomplete_turns > 0 and report.errors == 0
 
 
+async def test_a_server_that_hangs_up_is_counted_not_a_crash(misbehaving: str) -> None:
+    report = await run_load(misbehaving + "/closes/llm-websocket", QUICK)
+    assert report.connected == QUICK.calls
+    assert report.errors >= QUICK.calls
+    assert "the server closed the socket (code 1011)" in report.error_samples[0]
+
+
 async def test_an_unreachable_server_is_an_error_not_a_crash() -> None:
     options = LoadOptions(calls=2, duration_s=0.1, ramp_s=0.0)
     report = await run_load(f"ws://127.0.0.1:{free_port()}/llm-websocket", options)

@@ -249,3 +249,12 @@ async def test_callbrain_test_with_no_arguments_passes_on_the_shipped_agent(
     names = {s["name"] for s in report["scenarios"]}
     assert {"caller barges in", "books an appointment, then hangs up"} <= names
     assert len(names) == len(find_scenarios([EXAMPLES]))
+
+
+async def test_a_server_that_hangs_up_mid_scenario_fails_it_cleanly(misbehaving_url: str) -> None:
+    scenario = Scenario.model_validate(
+        {"call": {"call_id": "closes"}, "steps": [{"caller": "Hi"}, {"caller": "Hello?"}]}
+    )
+    result = await run_scenario(scenario, misbehaving_url)
+    assert not result.passed
+    assert any("closed the socket (code 1011)" in f for f in result.failures), result.failures

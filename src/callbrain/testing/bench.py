@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from callbrain.testing.checker import ProtocolChecker, TurnRecord
 from callbrain.testing.client import RetellClient
@@ -163,7 +163,7 @@ async def _call(
             report.connected += 1
             try:
                 await _converse(call, stop_at, options, rng, report)
-            except ConnectionError:
+            except (ConnectionError, ConnectionClosed):
                 report.error(f"{call_id}: the server closed the socket (code {call.close_code})")
             _collect(call.checker, options, report)
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:

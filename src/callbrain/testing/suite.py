@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from callbrain.agent import Agent
 from callbrain.llm.config import OpenAIConfig
@@ -39,7 +39,12 @@ async def run_scenario(scenario: Scenario, url: str, path: str = "") -> Scenario
     try:
         async with RetellClient.connect(url, scenario.call_id) as call:
             runner = ScenarioRunner(scenario, call)
-            await runner.run(result)
+            try:
+                await runner.run(result)
+            except ConnectionClosed:
+                result.failures.append(
+                    f"the server closed the socket (code {call.close_code}) mid-scenario"
+                )
             judge(runner, result)
             if runner.ended and not any("not run" in f for f in result.failures):
                 result.notes.append(runner.ended)
