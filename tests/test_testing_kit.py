@@ -49,3 +49,27 @@ async def test_client_keeps_the_transcript_like_retell() -> None:
                 "Goodbye",
             ]
             assert call.latest_response_id == 2
+
+
+async def test_a_long_running_client_can_forget_what_it_kept() -> None:
+    async with FakeOpenAIServer(Reply("Hello!"), Reply("Bye!")) as fake:
+        agent = Agent(
+            begin_message="Hi.",
+            llm=OpenAIConfig(provider="openai", base_url=fake.base_url, api_key="t"),
+        )
+        async with (
+            serve_agent(agent) as url,
+            RetellClient.connect(url, "abc", keep_sent=False) as call,
+        ):
+            await call.expect_config()
+            await call.expect_begin()
+            await call.ask("Hey")
+            call.forget_frames()
+            assert call.frames == [] and call.received_at == []
+            rid = await call.say("Goodbye")
+            frame = await call.next_frame()  # the cursor starts over with new frames
+            assert frame["response_id"] == rid
+            assert (await call.response(rid)).text == "Bye!"
+            assert call.sent == []
+            # The checker saw everything, forgotten or not.
+            assert call.checker.turns[1].text == "Hello!" and call.checker.violations == []

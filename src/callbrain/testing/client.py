@@ -80,7 +80,7 @@ class ResponseTurn:
 class RetellClient:
     """One simulated Retell connection. Create it with :meth:`connect`."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, *, keep_sent: bool = True) -> None:
         self._ws = ws
         self.checker = ProtocolChecker()
         """Every frame in both directions goes through it: protocol violations and
@@ -90,7 +90,9 @@ class RetellClient:
         JSON objects are only reported by the checker)."""
         self.received_at: list[float] = []
         self.sent: list[Frame] = []
-        """Every JSON object frame sent, in order."""
+        """Every JSON object frame sent, in order (unless ``keep_sent`` is off: each
+        request carries the whole transcript, so a long call's copies add up)."""
+        self._keep_sent = keep_sent
         """``time.monotonic()`` when each frame arrived."""
         self.transcript: list[Frame] = []
         self.latest_response_id = 0
@@ -111,6 +113,7 @@ class RetellClient:
         *,
         open_timeout: float = 7.0,
         ping_interval: float | None = None,
+        keep_sent: bool = True,
     ) -> AsyncIterator[RetellClient]:
         """Connect to ``{base_url}/{call_id}`` as Retell does (it appends the call id).
 
@@ -119,7 +122,7 @@ class RetellClient:
         """
         url = base_url.rstrip("/") + "/" + call_id
         async with connect(url, open_timeout=open_timeout, max_size=None) as ws:
-            client = cls(ws)
+            client = cls(ws, keep_sent=keep_sent)
             if ping_interval is not None:
                 client.start_pinging(ping_interval)
             try:
@@ -171,6 +174,13 @@ class RetellClient:
         self._cursor = index + 1
         return self.frames[index]
 
+    def forget_frames(self) -> None:
+        """Drop the frames kept so far, for long runs; the checker keeps its counts
+        and timings, and :meth:`next_frame` goes on with the next frame to arrive."""
+        self.frames.clear()
+        self.received_at.clear()
+        self._cursor = 0
+
     def response_turn(self, response_id: int) -> ResponseTurn:
         frames = [
             f
@@ -211,7 +221,8 @@ class RetellClient:
             parsed = None
         # Recorded before the send: a fast server may answer before send() returns.
         if isinstance(parsed, dict):
-            self.sent.append(parsed)
+            if self._keep_sent:
+                self.sent.append(parsed)
             self.checker.on_sent(parsed, time.monotonic())
         await self._ws.send(frame)
 
