@@ -28,6 +28,7 @@ from pydantic import (
 
 from callbrain.conversation import DEFAULT_REMINDER_PROMPT
 from callbrain.llm.config import LLMConfig, LocalConfig
+from callbrain.settings import ServerSettings
 from callbrain.tools.base import Tool
 from callbrain.tools.config import ToolConfig, build_tools
 
@@ -90,6 +91,8 @@ class Agent(BaseModel):
     """Tools still running after this long get one filler line; null for never."""
     tool_filler_message: str = DEFAULT_FILLER_MESSAGE
     retell_config: RetellConfig = Field(default_factory=RetellConfig)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """Access control, limits, webhooks and shutdown (see :mod:`callbrain.settings`)."""
     llm: LLMConfig = Field(default_factory=lambda: LocalConfig(provider="local"))
 
     @model_validator(mode="after")

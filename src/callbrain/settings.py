@@ -1,0 +1,66 @@
+"""The ``server:`` block of an agent file: who may connect, what is accepted,
+where Retell's webhooks go, and how the process stops.
+
+These are deployment settings, but callbrain serves one agent per process, so
+they live in the same file (with the same ``${ENV}`` expansion: keep secrets in
+the environment, ``secret: ${CALLBRAIN_SECRET}``) and are checked at load time
+like everything else.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network, IPv6Network
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+RETELL_IPS = ("100.20.5.228/32",)
+"""Retell's published outbound address (protocol reference, section 5)."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AccessSettings(_Settings):
+    """Who may open the call socket, and the limits on what they send."""
+
+    secret: SecretStr | None = None
+    """Required as a path segment (``wss://host/llm-websocket/<secret>``, to which
+    Retell appends ``/{call_id}``) or as ``?token=<secret>``; compared in
+    constant time before the socket is accepted. None: no secret."""
+    allow_ips: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+    """Addresses (CIDR) allowed to connect; empty: any. Retell's is ``100.20.5.228``."""
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+    """Peers whose ``X-Forwarded-For`` is believed (your load balancer); from
+    anyone else the header is ignored, so it cannot be forged."""
+    rejections_per_minute: int = Field(default=30, ge=1)
+    """Rejected attempts logged and answered per client address per minute;
+    beyond it they are dropped without a log line or a reply body."""
+    max_frame_bytes: int = Field(default=1_000_000, ge=1024)
+    """Largest inbound frame; a bigger one is refused with a log line (the call goes on)."""
+    max_transcript_chars: int = Field(default=200_000, ge=1000)
+    """Transcript text beyond this is cut from the oldest end, with a log line."""
+    max_calls: int | None = Field(default=None, ge=1)
+    """Concurrent calls this process accepts; more are refused (Retell retries
+    elsewhere if you run several instances). None: no limit."""
+
+
+class WebhookSettings(_Settings):
+    """Retell's call events (``call_started``, ``call_ended``, ``call_analyzed``)."""
+
+    api_key: SecretStr | None = None
+    """The Retell API key with the "webhook" badge, which signs the events. None:
+    ``POST /webhook`` is not served."""
+    path: str = "/webhook"
+    handler: str | None = None
+    """``module:function`` called with each verified event (sync or async)."""
+    tolerance_s: float = Field(default=300.0, gt=0)
+    """Events signed longer ago (or ahead) than this are refused as replays."""
+
+
+class ServerSettings(_Settings):
+    access: AccessSettings = Field(default_factory=AccessSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    drain_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM: how long calls in progress may go on before their open turns
+    are completed and their sockets closed (1001, so Retell reconnects elsewhere)."""
