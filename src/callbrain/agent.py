@@ -94,6 +94,13 @@ class Agent(BaseModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     """Access control, limits, webhooks and shutdown (see :mod:`callbrain.settings`)."""
     llm: LLMConfig = Field(default_factory=lambda: LocalConfig(provider="local"))
+    fallback_llms: list[LLMConfig] = Field(default_factory=list)
+    """Tried in order when ``llm`` (or the one before) fails before its first chunk:
+    a connection error, 429, 5xx or a missed first-token deadline."""
+    first_token_filler_after_s: float | None = Field(default=2.0, gt=0)
+    """No word from the model after this long: say ``first_token_filler_message``
+    once, so the caller knows the line is alive. null for never."""
+    first_token_filler_message: str = "One moment."
 
     @model_validator(mode="after")
     def _details_needed(self) -> Agent:

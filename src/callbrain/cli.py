@@ -17,6 +17,7 @@ from callbrain import __version__
 from callbrain.agent import Agent, AgentConfigError, example_agent_path
 from callbrain.logs import configure_logging
 from callbrain.server import DEFAULT_PREFIX, create_app
+from callbrain.serving import CallbrainServer
 from callbrain.testing.chat_terminal import chat_command
 from callbrain.testing.fake_llm.command import fake_llm
 
@@ -70,6 +71,8 @@ def serve(
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     route = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    # A placeholder: the secret itself never goes to the terminal (or its scrollback).
+    secret = "/<secret>" if definition.server.access.secret is not None else ""
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     llm = definition.llm
     model = (
@@ -78,9 +81,9 @@ def serve(
     console.print(
         f"[bold]callbrain[/bold] agent [cyan]{definition.name}[/cyan] "
         f"({llm.provider}: {model}) from {path}\n"
-        f"  WebSocket   ws://{shown_host}:{port}{route}/{{call_id}}\n"
+        f"  WebSocket   ws://{shown_host}:{port}{route}{secret}/{{call_id}}\n"
         f"  Health      http://{shown_host}:{port}/healthz\n"
-        f"  In Retell (agent > Custom LLM URL) paste: [green]wss://<your-public-host>{route}[/green]\n"
+        f"  In Retell (agent > Custom LLM URL) paste: [green]wss://<your-public-host>{route}{secret}[/green]\n"
         f"  Retell appends /{{call_id}} itself; terminate TLS at a proxy or tunnel.",
         highlight=False,
         soft_wrap=True,
@@ -90,7 +93,7 @@ def serve(
     # of `callbrain bench`). Frozen, they are never walked again.
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         application,
         host=host,
         port=port,
@@ -99,8 +102,22 @@ def serve(
         # Frames are a few words of JSON: compressing each costs more CPU than the
         # bytes are worth. Declining the extension is always compatible.
         ws_per_message_deflate=False,
+        # Whose X-Forwarded-For to believe is the access settings' call
+        # (trusted_proxies); uvicorn's default would trust 127.0.0.1's.
+        proxy_headers=False,
+        # The hard cap, where uvicorn closes the socket (1009): far above the soft
+        # cap, max_frame_bytes, at which the session ignores a frame and goes on.
+        ws_max_size=max(16 * 2**20, 4 * definition.server.access.max_frame_bytes),
         lifespan="on",
     )
+    settings = definition.server
+    server = CallbrainServer(
+        config,
+        application.state.runtime,
+        drain_s=settings.drain_s,
+        finish_turn_s=settings.finish_turn_s,
+    )
+    server.run()
 
 
 @app.command("test")

@@ -25,19 +25,22 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from callbrain.access import AccessGuard
 from callbrain.agent import Agent
 from callbrain.call_control import CallHook
 from callbrain.conversation import build_chat_request, render_template
-from callbrain.llm import LLM, ChatRequest, create_llm
+from callbrain.llm import LLM, ChatRequest, create_llms
 from callbrain.logs import call_id_var
 from callbrain.protocol import Utterance
 from callbrain.session import CLOSE_INTERNAL_ERROR, CallSession
 from callbrain.tools.idempotency import IdempotencyStore
 from callbrain.tools.runner import Toolbox
+from callbrain.webhooks import WebhookHandler, webhook_routes
 
 logger = logging.getLogger("callbrain.server")
 
 DEFAULT_PREFIX = "/llm-websocket"
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class AgentRuntime:
@@ -59,12 +62,17 @@ class AgentRuntime:
         self._ready: LLM | None = None
         self._lock = asyncio.Lock()
         self.active_calls = 0
+        self.sessions: set[CallSession] = set()
+        self.draining = False
+        """Set by :meth:`drain`: health turns 503 and new calls are refused."""
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def get_llm(self) -> LLM:
         if self._ready is None:
             async with self._lock:
                 if self._ready is None:
-                    llm = self._given or create_llm(self.agent.llm)
+                    llm = self._given or create_llms([self.agent.llm, *self.agent.fallback_llms])
                     try:
                         await llm.warmup(self._typical_request())
                     except BaseException:
@@ -86,6 +94,31 @@ class AgentRuntime:
         )
         return request
 
+    def add_session(self, session: CallSession) -> None:
+        self.sessions.add(session)
+        self._idle.clear()
+
+    def remove_session(self, session: CallSession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
+
+    async def drain(self, timeout: float, *, grace: float = 10.0) -> int:
+        """Stop taking calls; let those in progress go on for up to ``timeout`` s,
+        then finish their open turns (each may take ``grace`` s more to end by
+        itself). Returns how many calls were still up; their sockets stay open
+        for the caller to close or drop."""
+        self.draining = True
+        logger.info("draining: %d call(s) in progress, up to %.0f s", len(self.sessions), timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        left = list(self.sessions)
+        if left:
+            logger.info("drain time is up; finishing the open turns of %d call(s)", len(left))
+            await asyncio.gather(*(s.finish_turns(grace) for s in left))
+        return len(left)
+
     async def aclose(self) -> None:
         ready, self._ready = self._ready, None
         if ready is not None and self._given is None:
@@ -105,6 +138,8 @@ class _StarletteTransport:
         except (WebSocketDisconnect, RuntimeError):
             return None
         if message["type"] == "websocket.disconnect":
+            if message.get("code") == 1009:  # else the call would end without a word why
+                logger.warning("socket closed with 1009: a frame over the server's ws_max_size")
             return None
         text: str | None = message.get("text")
         if text is not None:
@@ -126,6 +161,7 @@ def create_app(
     llm: LLM | None = None,
     store: IdempotencyStore | None = None,
     on_call_start: CallHook | None = None,
+    on_webhook: WebhookHandler | None = None,
 ) -> Starlette:
     """An ASGI app serving ``agent`` at ``{prefix}/{call_id}``, plus ``GET /healthz``.
 
@@ -134,13 +170,26 @@ def create_app(
     tools' results (in memory by default). ``on_call_start`` is run for every
     call with its :class:`~callbrain.call_control.CallControl`, e.g. to start
     a background job that speaks up (``agent_interrupt``) when it is done.
+    With ``server.webhooks.api_key`` set, ``POST server.webhooks.path`` takes
+    Retell's signed call events and hands verified ones to ``on_webhook`` (or
+    the file's ``server.webhooks.handler``); see :mod:`callbrain.webhooks`.
     """
     runtime = AgentRuntime(agent, llm, store)
+    webhooks = webhook_routes(agent, on_webhook)  # a bad handler reference fails here
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    guard = AccessGuard(agent.server.access)  # an empty secret fails here
 
     async def llm_websocket(websocket: WebSocket) -> None:
+        # Secret, address and max_calls, before accept: a refusal is a bare HTTP 403.
+        if not await guard.admit(websocket, active_calls=runtime.active_calls):
+            return
         call_id = websocket.path_params["call_id"]
         token = call_id_var.set(call_id)
+        if runtime.draining:
+            logger.warning("refused a call: the server is shutting down")
+            await websocket.close(CLOSE_TRY_AGAIN_LATER)  # before accept: HTTP 403
+            call_id_var.reset(token)
+            return
         runtime.active_calls += 1
         try:
             await websocket.accept()
@@ -157,15 +206,23 @@ def create_app(
                 call_id,
                 toolbox=runtime.toolbox,
                 on_call_start=on_call_start,
+                limits=agent.server.access,
             )
-            await session.run()
+            runtime.add_session(session)
+            try:
+                await session.run()
+            finally:
+                runtime.remove_session(session)
         finally:
             runtime.active_calls -= 1
             call_id_var.reset(token)
 
     async def healthz(request: Request) -> JSONResponse:
+        # 503 while draining, so a load balancer sends new calls elsewhere.
+        status = "draining" if runtime.draining else "ok"
         return JSONResponse(
-            {"status": "ok", "agent": agent.name, "active_calls": runtime.active_calls}
+            {"status": status, "agent": agent.name, "active_calls": runtime.active_calls},
+            status_code=503 if runtime.draining else 200,
         )
 
     @contextlib.asynccontextmanager
@@ -180,7 +237,14 @@ def create_app(
     app = Starlette(
         routes=[
             WebSocketRoute(prefix + "/{call_id}", llm_websocket),
+            # Retell's URL may be wss://host/llm-websocket/<secret>; it appends /{call_id}.
+            *(
+                [WebSocketRoute(prefix + "/{secret}/{call_id}", llm_websocket)]
+                if guard.has_secret
+                else []
+            ),
             Route("/healthz", healthz),
+            *webhooks,
         ],
         lifespan=lifespan,
     )

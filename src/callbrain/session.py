@@ -30,6 +30,7 @@ import logging
 import time
 from typing import Any, Protocol
 
+from callbrain.access import fit_transcript
 from callbrain.agent import Agent
 from callbrain.call_control import CallControl, CallHook
 from callbrain.conversation import ToolExchange, build_chat_request, render_template
@@ -45,6 +46,7 @@ from callbrain.protocol import (
     PingPongFrame,
     ReminderRequired,
     ResponseFrame,
+    ResponseRequired,
     TurnRequest,
     UnknownInteraction,
     UpdateOnly,
@@ -52,6 +54,7 @@ from callbrain.protocol import (
     encode,
     parse_inbound,
 )
+from callbrain.settings import AccessSettings
 from callbrain.tools.runner import Toolbox, ToolRun, ToolRunner
 from callbrain.turn import Turn
 
@@ -88,10 +91,12 @@ class CallSession:
         *,
         toolbox: Toolbox | None = None,
         on_call_start: CallHook | None = None,
+        limits: AccessSettings | None = None,
     ) -> None:
         """``toolbox`` is shared by the server's calls (by default this call gets
         the agent's tools, built now, and a private in-memory store);
-        ``on_call_start`` runs as a task once the call is up."""
+        ``on_call_start`` runs as a task once the call is up; ``limits`` (frame
+        and transcript size) default to the agent's ``server.access``."""
         self.agent = agent
         self.llm = llm
         self.call_id = call_id
@@ -109,6 +114,8 @@ class CallSession:
             record=self._record_tool_run,
         )
         self._on_call_start = on_call_start
+        self._limits = limits if limits is not None else agent.server.access
+        self._transcript_cut = False  # the first cut is a warning, later ones debug
         # The begin message is response 0; every request from Retell has a higher id.
         self._latest_id = 0
         self._completed_id = -1
@@ -119,6 +126,7 @@ class CallSession:
         self._send_lock = asyncio.Lock()
         self._open = True
         self._holding_lines = 0
+        self._shutting_down = False
 
     # ------------------------------------------------------------------ main loop
 
@@ -152,6 +160,14 @@ class CallSession:
         if isinstance(raw, bytes):
             logger.warning("ignored a binary frame (%d bytes); Retell sends only text", len(raw))
             return
+        size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
+        if size > self._limits.max_frame_bytes:
+            logger.warning(
+                "ignored a %d-byte frame: over max_frame_bytes (%d); the call goes on",
+                size,
+                self._limits.max_frame_bytes,
+            )
+            return
         try:
             frame = parse_inbound(raw)
         except UnknownInteraction as exc:
@@ -160,6 +176,11 @@ class CallSession:
         except FrameError as exc:
             logger.warning("ignored malformed frame (%d chars): %s", len(raw), exc)
             return
+        if isinstance(frame, UpdateOnly | ResponseRequired | ReminderRequired):
+            frame, cut = fit_transcript(frame, self._limits.max_transcript_chars)
+            if cut is not None:
+                logger.log(logging.DEBUG if self._transcript_cut else logging.WARNING, "%s", cut)
+                self._transcript_cut = True
         if isinstance(frame, PingPong):
             await self._send(PingPongFrame(timestamp=frame.timestamp))
         elif isinstance(frame, UpdateOnly):
@@ -194,6 +215,14 @@ class CallSession:
         # From here on the older id is superseded: _send_response refuses it.
         previous, self._latest_id = self._latest_id, rid
         self.transcript = frame.transcript
+        if self._shutting_down:
+            # Its turn could not finish before the socket goes: complete it empty,
+            # and Retell asks again on the socket it reconnects.
+            logger.info("response %d completed empty: the server is shutting down", rid)
+            if self._turn is not None:
+                self._turn.cancel()
+            self._turn = asyncio.create_task(self._complete_empty(rid))
+            return
         if self._turn is not None and not self._turn.done():
             self._turn.cancel()
             logger.info("response %d superseded by %d", previous, rid)
@@ -251,6 +280,29 @@ class CallSession:
                 f", then {report.action}" if report.action else "",
                 ", with fallback" if report.failed else "",
             )
+
+    async def _complete_empty(self, response_id: int) -> None:
+        await self._send_response(response_id, "", complete=True)
+
+    async def finish_turns(self, grace: float) -> None:
+        """For a shutdown: let the open turn end by itself for up to ``grace``
+        seconds, then end it: cancelled between two chunks (never inside one) and
+        completed with an empty ``content_complete`` frame. The socket stays open;
+        closing it is the server's business."""
+        deadline = asyncio.get_running_loop().time() + grace
+        self._shutting_down = True
+        # A newer request may replace the turn meanwhile: follow whichever is open.
+        while (turn := self._turn) is not None and not turn.done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                turn.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await turn
+                break
+            await asyncio.wait({turn}, timeout=left)
+        if self._latest_id > self._completed_id and self._latest_id > 0:
+            logger.info("response %d ended for the shutdown", self._latest_id)
+            await self._complete_empty(self._latest_id)
 
     def _chat_request(self, frame: TurnRequest, reminder: bool) -> ChatRequest:
         woven = frame.transcript_with_tool_calls

@@ -63,4 +63,7 @@ class ServerSettings(_Settings):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     drain_s: float = Field(default=30.0, ge=0)
     """On SIGTERM: how long calls in progress may go on before their open turns
-    are completed and their sockets closed (1001, so Retell reconnects elsewhere)."""
+    are finished and their connections dropped (so Retell reconnects elsewhere)."""
+    finish_turn_s: float = Field(default=10.0, ge=0)
+    """Then how long an open turn may take to end by itself before it is cut
+    between two chunks and completed."""

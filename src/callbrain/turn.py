@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from callbrain.agent import Agent
 from callbrain.call_control import TurnActions
-from callbrain.llm.base import LLM, LLMError
-from callbrain.llm.chat import ChatItem, ChatRequest, Message, TextDelta, ToolCall
+from callbrain.llm.base import LLM, LLMError, LLMStream
+from callbrain.llm.chat import ChatChunk, ChatItem, ChatRequest, Message, TextDelta, ToolCall
 from callbrain.tools.runner import ToolRun, ToolRunner
 
 logger = logging.getLogger("callbrain.session")
@@ -120,7 +120,8 @@ class Turn:
         text: list[str] = []
         calls: list[ToolCall] = []
         async with self.llm.chat(request) as stream:
-            async for chunk in stream:
+            first = await self._first_chunk(stream)
+            async for chunk in _chain(first, stream):
                 if isinstance(chunk, ToolCall):
                     calls.append(chunk)
                 elif isinstance(chunk, TextDelta) and chunk.text:
@@ -131,6 +132,26 @@ class Turn:
                     if sent and self.report.first_text is None:
                         self.report.first_text = time.perf_counter()
         return "".join(text), calls
+
+    async def _first_chunk(self, stream: LLMStream) -> ChatChunk | None:
+        """The stream's first chunk; if it is late, the caller hears the filler once.
+
+        The wait is a task, not a timeout around ``anext``: cancelling that would
+        close the provider stream we still want to read.
+        """
+        wait = self.agent.first_token_filler_after_s
+        nothing_said = not self._spoken.strip() and not self._filler_said
+        if wait is None or not nothing_said or not self.agent.first_token_filler_message:
+            return await anext(stream, None)
+        pending = asyncio.ensure_future(anext(stream, None))
+        try:
+            done, _ = await asyncio.wait({pending}, timeout=wait)
+            if not done:
+                self._filler_said = True
+                await self._say(self.agent.first_token_filler_message)
+            return await pending
+        finally:
+            pending.cancel()  # no-op once done; if we are cancelled, stop waiting
 
     async def _run_tools(self, calls: list[ToolCall]) -> list[ToolRun]:
         self.report.tool_calls += len(calls)
@@ -178,3 +199,12 @@ class Turn:
             fields = action.frame_fields()
             self.report.action = action.kind
         await self._say(line, complete=True, **fields)
+
+
+async def _chain(first: ChatChunk | None, stream: LLMStream) -> AsyncIterator[ChatChunk]:
+    """``first`` (if any), then the rest of ``stream``."""
+    if first is None:
+        return
+    yield first
+    async for chunk in stream:
+        yield chunk

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from callbrain.llm.base import LLM, LLMError, LLMStream, LLMTimeoutError
 from callbrain.llm.chat import (
     ChatChunk,
@@ -35,6 +37,7 @@ __all__ = [
     "ToolSpec",
     "Usage",
     "create_llm",
+    "create_llms",
 ]
 
 
@@ -51,3 +54,15 @@ def create_llm(config: OpenAIConfig | AnthropicConfig | LocalConfig) -> LLM:
     from callbrain.llm.local import LocalLLM
 
     return LocalLLM(config)
+
+
+def create_llms(
+    configs: Sequence[OpenAIConfig | AnthropicConfig | LocalConfig],
+) -> LLM:
+    """One backend, or several in order of preference behind a
+    :class:`~callbrain.llm.failover.FailoverLLM`."""
+    if len(configs) == 1:
+        return create_llm(configs[0])
+    from callbrain.llm.failover import FailoverLLM
+
+    return FailoverLLM([create_llm(config) for config in configs])

@@ -1,0 +1,404 @@
+"""Who may open the call socket, decided before it is accepted, and the cut that
+keeps an admitted call's transcript within its limit.
+
+Retell sends no credentials on this socket (protocol reference, section 5), so
+the defences are a secret in the URL and Retell's published address. Both are
+checked before ``websocket.accept()``: a refused client gets a bare HTTP 403 to
+its handshake and never a frame. A missing secret, a wrong one, an address not
+allowed and a full server all get the same 403, so probing learns nothing;
+only the log line says which it was.
+
+Refusals are logged without the secret or whatever was presented in its place,
+at most ``rejections_per_minute`` per client address (then one line saying the
+rest are suppressed), so a scanner cannot flood the logs. uvicorn's own lines
+would print the URL verbatim, secret included, so a filter on its logger
+rewrites them the same way (see :class:`_UvicornLogFilter`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, quote_plus
+
+from starlette.websockets import WebSocket
+
+from callbrain.agent import AgentConfigError
+from callbrain.protocol import ReminderRequired, ResponseRequired, UpdateOnly, Utterance
+from callbrain.settings import AccessSettings
+
+logger = logging.getLogger("callbrain.access")
+
+IPAddress = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+REDACTED = "<redacted>"
+SECRET_PARAM = "secret"
+"""The path parameter of the ``{prefix}/{secret}/{call_id}`` route."""
+TOKEN_PARAM = "token"
+"""The query parameter that may carry the secret instead."""
+MAX_TRACKED_ADDRESSES = 10_000
+
+# Before accept, Starlette's close becomes an HTTP 403 whatever the code: no close
+# frame is sent. 1008 (policy violation) only documents the intent.
+_CLOSE_REFUSED = 1008
+_WINDOW_S = 60.0
+_MAX_SHOWN_PATH = 300
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+# ----------------------------------------------------------------- rate limit
+
+Verdict = Literal["log", "suppress", "quiet"]
+"""What to do with one refusal: log it, log that further ones are suppressed, or stay quiet."""
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    count: int = 0
+
+
+class RejectionLimiter:
+    """How many refusals per client address are logged: ``per_minute`` in each
+    fixed one-minute window, then one "suppressed" line, then none until the
+    window is over.
+
+    At most ``max_addresses`` addresses are tracked, the least recently refused
+    dropped first, so refusals from ever new addresses cannot grow memory; an
+    address dropped early merely starts a fresh window.
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        max_addresses: int = MAX_TRACKED_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_minute = per_minute
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def hit(self, key: str) -> Verdict:
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is None or now - window.start >= _WINDOW_S:
+            window = _Window(now)
+            self._windows[key] = window
+        self._windows.move_to_end(key)
+        window.count += 1
+        # Least recently refused first: drop what is over the cap or has expired anyway.
+        while self._windows:
+            oldest = next(iter(self._windows.values()))
+            if len(self._windows) <= self.max_addresses and now - oldest.start < _WINDOW_S:
+                break
+            self._windows.popitem(last=False)
+        if window.count <= self.per_minute:
+            return "log"
+        return "suppress" if window.count == self.per_minute + 1 else "quiet"
+
+
+# ------------------------------------------------------------------ addresses
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """An address as a socket peer or an ``X-Forwarded-For`` entry gives it (IPv4
+    with an optional port, IPv6 optionally in brackets with a port); None if it
+    is not one. IPv4-mapped IPv6, a dual-stack listener's view of an IPv4 peer,
+    becomes IPv4 so that ``100.20.5.228/32`` still matches it."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _within(address: IPAddress, networks: Sequence[Network]) -> bool:
+    # A network of the other IP version simply does not contain the address.
+    return any(address in network for network in networks)
+
+
+# ---------------------------------------------------------------------- guard
+
+
+class AccessGuard:
+    """Admits or refuses each call socket before it is accepted (see the module doc)."""
+
+    def __init__(self, settings: AccessSettings) -> None:
+        self.settings = settings
+        secret = None if settings.secret is None else settings.secret.get_secret_value()
+        if secret is not None and not secret.strip():
+            # An unset ${VAR:-} must not quietly turn into "any empty ?token= will do".
+            raise AgentConfigError("server.access.secret is empty; set it or remove it")
+        self._secret = None if secret is None else secret.encode("utf-8", "surrogatepass")
+        self.limiter = RejectionLimiter(settings.rejections_per_minute)
+        if secret is not None:
+            _check_secret(secret)
+            _UVICORN_LOG_FILTER.secrets.update({secret, quote(secret, safe=""), quote_plus(secret)})
+            logging.getLogger("uvicorn.error").addFilter(_UVICORN_LOG_FILTER)  # idempotent
+
+    @property
+    def has_secret(self) -> bool:
+        return self._secret is not None
+
+    def secret_matches(self, presented: str | None) -> bool:
+        """Whether ``presented`` is the secret (always True when none is set),
+        compared in constant time so its bytes cannot be guessed one by one."""
+        if self._secret is None:
+            return True
+        if presented is None:
+            return False
+        return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), self._secret)
+
+    def client_address(self, peer: str | None, forwarded_for: Sequence[str]) -> IPAddress | None:
+        """The caller's address: the socket peer, unless the peer is a trusted proxy
+        and sent ``X-Forwarded-For``; then the right-most entry that is not itself
+        a trusted proxy (the entries to its left are the client's own say, and
+        could be anything). None when the address that counts is not an address."""
+        address = None if peer is None else parse_address(peer)
+        proxies = self.settings.trusted_proxies
+        if address is None or not proxies or not _within(address, proxies):
+            return address
+        hops = [hop for value in forwarded_for for hop in value.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            address = parse_address(hop)
+            if address is None or not _within(address, proxies):
+                return address
+        return address  # every hop is a trusted proxy: the left-most one called
+
+    async def admit(self, websocket: WebSocket, *, active_calls: int) -> bool:
+        """True to go on and accept. Otherwise the handshake has been refused (HTTP
+        403, no frame) and logged, within the rate limit, without the secret."""
+        peer = websocket.client.host if websocket.client is not None else None
+        forwarded = websocket.headers.getlist("x-forwarded-for")
+        address = self.client_address(peer, forwarded)
+        presented = websocket.path_params.get(SECRET_PARAM)
+        if presented is None:
+            presented = websocket.query_params.get(TOKEN_PARAM)
+        reason = self._refusal(address, presented, active_calls)
+        if reason is None:
+            if self._secret is not None:
+                _shown_var.set(_Shown(self._shown_path(websocket), quiet=False))
+            return True
+        who = "an unparsable address" if address is None else str(address)
+        if peer is None or address != parse_address(peer):
+            who += f" (via {peer})"  # taken from X-Forwarded-For, or no usable peer
+        verdict = self.limiter.hit(str(address) if address is not None else f"? {peer}")
+        shown = self._shown_path(websocket)
+        _shown_var.set(_Shown(shown, quiet=verdict != "log"))
+        if verdict == "log":
+            logger.warning("refused a call socket from %s to %s: %s", who, shown, reason)
+        elif verdict == "suppress":
+            logger.warning(
+                "refused %d call sockets from %s this minute (rejections_per_minute); "
+                "its further refusals this minute are not logged",
+                self.limiter.per_minute + 1,
+                who,
+            )
+        await websocket.close(_CLOSE_REFUSED)
+        return False
+
+    def _refusal(self, address: IPAddress | None, presented: str | None, calls: int) -> str | None:
+        allowed = self.settings.allow_ips
+        if allowed and (address is None or not _within(address, allowed)):
+            return "address not in allow_ips"
+        if not self.secret_matches(presented):
+            return "no secret given" if presented is None else "wrong secret"
+        limit = self.settings.max_calls
+        if limit is not None and calls >= limit:
+            return f"too many calls ({calls} in progress, max_calls is {limit})"
+        return None
+
+    def _shown_path(self, websocket: WebSocket) -> str:
+        """The request path as logs may show it: the secret segment, the token and
+        anything equal to the secret replaced, the rest percent-encoded (so a
+        newline in a path cannot forge a log line), and cut short if very long."""
+        segments = str(websocket.scope.get("path", "")).split("/")
+        secret_at = len(segments) - 2 if SECRET_PARAM in websocket.path_params else -1
+        shown = "/".join(
+            REDACTED if i == secret_at or self._is_secret(s) else quote(s)
+            for i, s in enumerate(segments)
+        )
+        query = websocket.scope.get("query_string", b"").decode("latin-1")
+        if query:
+            shown += "?" + "&".join(
+                f"{quote(k)}={REDACTED if k == TOKEN_PARAM or self._is_secret(v) else quote(v)}"
+                for k, v in parse_qsl(query, keep_blank_values=True)
+            )
+        return shown if len(shown) <= _MAX_SHOWN_PATH else shown[:_MAX_SHOWN_PATH] + "..."
+
+    def _is_secret(self, text: str) -> bool:
+        return self._secret is not None and self.secret_matches(text)
+
+
+def _check_secret(secret: str) -> None:
+    if len(secret) < 16:
+        logger.warning(
+            "server.access.secret is short (%d characters); use a long random one, "
+            'e.g. python -c "import secrets; print(secrets.token_urlsafe(32))"',
+            len(secret),
+        )
+    if not _URL_SAFE.fullmatch(secret):
+        logger.warning(
+            "server.access.secret has characters that must be percent-encoded in a URL "
+            "('/' cannot be in a path segment at all); a URL-safe one avoids surprises"
+        )
+
+
+# --------------------------------------------------------------- uvicorn logs
+
+
+@dataclass(frozen=True, slots=True)
+class _Shown:
+    path: str
+    quiet: bool
+
+
+# Set by the guard in the connection's own task, which is where uvicorn logs the
+# handshake outcome (inside the app's send of accept or close).
+_shown_var: contextvars.ContextVar[_Shown | None] = contextvars.ContextVar(
+    "callbrain_handshake_path", default=None
+)
+
+
+class _UvicornLogFilter(logging.Filter):
+    """On ``uvicorn.error``, which logs each handshake as ``"WebSocket <path>" 403``
+    (or ``[accepted]``) with the raw path and query: show the guard's redacted
+    path instead, or drop the line for a refusal over the rate limit. As a safety
+    net, a configured secret is masked in any of its lines (the websockets
+    library's debug lines, logged before the guard runs, include the path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple):
+            return True
+        shown = _shown_var.get()
+        if (
+            shown is not None
+            and len(args) >= 2
+            and isinstance(record.msg, str)
+            and '"WebSocket %s"' in record.msg
+        ):
+            if shown.quiet:
+                return False
+            args = (args[0], shown.path, *args[2:])
+        if self.secrets:
+            args = tuple(self._mask(a) if isinstance(a, str) else a for a in args)
+            if isinstance(record.msg, str):
+                record.msg = self._mask(record.msg)
+        record.args = args
+        return True
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+_UVICORN_LOG_FILTER = _UvicornLogFilter()
+
+
+# ----------------------------------------------------------------- transcript
+
+TranscriptFrame = UpdateOnly | ResponseRequired | ReminderRequired
+
+
+def fit_transcript(frame: TranscriptFrame, limit: int) -> tuple[TranscriptFrame, str | None]:
+    """``frame`` with its transcript text cut to ``limit`` characters from the
+    oldest end, and what was cut, for the log (None when it fitted).
+
+    Utterances left out keep their place, emptied, so positions in the
+    transcript (the anchors of the call's tool history) keep counting the same;
+    the chat request skips empty utterances. A newest utterance longer than the
+    limit on its own keeps its last ``limit`` characters. Retell's woven
+    ``transcript_with_tool_calls``, which replaces the transcript in the model
+    request when turned on, loses its oldest items the same way.
+    """
+    update: dict[str, Any] = {}
+    notes: list[str] = []
+    fitted = _fit_utterances(frame.transcript, limit)
+    if fitted is not None:
+        update["transcript"], total, left_out = fitted
+        notes.append(f"transcript of {total} chars: the oldest {left_out} utterance(s) left out")
+    woven = frame.transcript_with_tool_calls
+    fitted_woven = None if woven is None else _fit_woven(woven, limit)
+    if fitted_woven is not None:
+        update["transcript_with_tool_calls"], total, left_out = fitted_woven
+        notes.append(f"transcript_with_tool_calls of {total} chars: the oldest {left_out} left out")
+    if not update:
+        return frame, None
+    described = f"over max_transcript_chars ({limit}): " + "; ".join(notes)
+    return frame.model_copy(update=update), described
+
+
+def _fit_utterances(
+    transcript: list[Utterance], limit: int
+) -> tuple[list[Utterance], int, int] | None:
+    sizes = [len(u.content) for u in transcript]
+    total = sum(sizes)
+    if total <= limit:
+        return None
+    start = _newest_within(sizes, limit)
+    fitted = list(transcript)
+    if start == len(fitted):
+        newest = fitted[-1]
+        fitted[-1] = newest.model_copy(update={"content": newest.content[-limit:], "words": []})
+        start -= 1
+    left_out = 0
+    for i in range(start):
+        if fitted[i].content or fitted[i].words:
+            fitted[i] = fitted[i].model_copy(update={"content": "", "words": []})
+            left_out += 1
+    return fitted, total, left_out
+
+
+def _fit_woven(
+    items: list[dict[str, Any]], limit: int
+) -> tuple[list[dict[str, Any]], int, int] | None:
+    sizes = [
+        sum(len(v) for k in ("content", "arguments") if isinstance(v := i.get(k), str))
+        for i in items
+    ]
+    total = sum(sizes)
+    if total <= limit:
+        return None
+    start = _newest_within(sizes, limit)
+    kept = items[start:]
+    newest = items[-1]
+    if not kept and isinstance(newest.get("content"), str):
+        kept = [{**newest, "content": newest["content"][-limit:]}]
+    return kept, total, len(items) - len(kept)
+
+
+def _newest_within(sizes: list[int], limit: int) -> int:
+    """Where the longest run of newest items that fits in ``limit`` starts."""
+    start, budget = len(sizes), limit
+    while start > 0 and sizes[start - 1] <= budget:
+        start -= 1
+        budget -= sizes[start]
+    return start

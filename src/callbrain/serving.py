@@ -1,0 +1,98 @@
+"""``callbrain serve`` as a process: uvicorn, with a shutdown that suits phone calls.
+
+Plain uvicorn, on SIGTERM, closes every WebSocket at once with 1012, and Retell
+ends a call on a close code it does not expect: every caller in progress would
+be cut off mid-sentence by a routine deploy. Here the first SIGTERM (or Ctrl-C)
+drains instead:
+
+1. ``/healthz`` turns 503 at once, so a load balancer sends new calls elsewhere,
+   and new sockets are refused;
+2. calls in progress go on for up to ``server.drain_s`` seconds;
+3. the open turn of each call still up is then finished (``content_complete``,
+   never cut inside a chunk), and its connection is dropped *without* a close
+   frame. Retell reads that as a lost connection and reconnects to the same URL
+   (with ``auto_reconnect``), which the load balancer routes to a healthy
+   instance, instead of ending the call;
+4. the process exits with status 0.
+
+A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from callbrain.server import AgentRuntime
+
+logger = logging.getLogger("callbrain.server")
+
+_HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class CallbrainServer(uvicorn.Server):
+    """uvicorn's server with a draining first signal (see the module docstring)."""
+
+    def __init__(
+        self, config: uvicorn.Config, runtime: AgentRuntime, *, drain_s: float, finish_turn_s: float
+    ) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.drain_s = drain_s
+        self.finish_turn_s = finish_turn_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in the main thread between two bytecodes, not in a loop callback.
+        if self._drain is not None or self._loop is None:
+            self.should_exit = self.force_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._start_drain, signal.Signals(sig).name)
+
+    def _start_drain(self, name: str) -> None:
+        if self._drain is None:
+            logger.info("%s: shutting down gracefully", name)
+            self._drain = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            left = await self.runtime.drain(self.drain_s, grace=self.finish_turn_s)
+            if left:
+                dropped = self._drop_websockets()
+                logger.info("dropped %d call socket(s) for Retell to reconnect elsewhere", dropped)
+        finally:
+            self.should_exit = True
+
+    def _drop_websockets(self) -> int:
+        """Abort the call sockets still open: no close frame, so Retell reconnects."""
+        dropped = 0
+        for connection in list(self.server_state.connections):
+            transport: Any = getattr(connection, "transport", None)
+            if transport is not None and "websocket" in type(connection).__name__.lower():
+                transport.abort()
+                dropped += 1
+        return dropped
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own version re-raises the signal after shutting down, so the
+        # process would die "by SIGTERM" even after a clean drain.
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,263 @@
+"""Retell's call events (``POST /webhook``), verified before any code sees them.
+
+Retell POSTs ``call_started``, ``call_ended`` and ``call_analyzed`` (and newer
+event types, which are passed on too) to the agent's webhook URL, signed with
+the workspace API key that has the "webhook" badge::
+
+    X-Retell-Signature: v=<unix ms>,d=<hex HMAC-SHA256(api_key, raw_body + v)>
+
+Anyone on the internet can POST to that URL, so an unverified event is worth
+nothing; three details make the check sound:
+
+* **The raw body.** The digest covers the exact bytes Retell sent. Parsing and
+  re-serialising changes them (key order, spacing, ``"José"`` vs ``"Jos\\u00e9"``),
+  so a check on a re-serialised body refuses genuine events. Nothing is parsed
+  before the signature holds, which also keeps the JSON parser away from
+  anonymous input.
+* **Constant time.** ``==`` on strings returns at the first differing
+  character, which lets an attacker find a valid digest byte by byte by timing
+  the answers; :func:`hmac.compare_digest` takes the same time whatever differs.
+* **The replay window.** A captured request stays validly signed forever; the
+  signed timestamp limits its replay to ``tolerance_s`` either side of now
+  (Retell's SDK uses 5 minutes). Within the window a replay is still possible,
+  and Retell itself may retry, so handlers should be idempotent per
+  ``(call_id, event)``.
+
+Handlers run with a timeout below Retell's 10 s webhook timeout, so Retell gets
+an answer (500: it may retry) rather than a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import inspect
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from callbrain.agent import Agent, AgentConfigError
+from callbrain.logs import call_id_var
+from callbrain.tools.function import ToolReferenceError, load_callable
+
+logger = logging.getLogger("callbrain.webhooks")
+
+SIGNATURE_HEADER = "X-Retell-Signature"
+KNOWN_EVENTS = frozenset({"call_started", "call_ended", "call_analyzed"})
+"""Documented event types; others are passed on unchanged."""
+MAX_BODY_BYTES = 5_000_000
+"""A call_analyzed event with a long transcript is well under 1 MB."""
+HANDLER_TIMEOUT_S = 8.0
+"""Below Retell's 10 s webhook timeout, so it hears our 500 instead of timing out."""
+
+# As the SDK's, but ASCII-only: \d would take other scripts' digits, which int()
+# accepts but which Retell never sends. At most 20 digits, so int() cannot fail
+# on a huge number (and any longer timestamp is out of the window anyway).
+_SIGNATURE = re.compile(r"v=([0-9]{1,20}),d=([0-9a-f]{64})")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One verified event: its type, Retell's call object, and the whole payload."""
+
+    event: str
+    """``call_started``, ``call_ended``, ``call_analyzed``, or a newer type."""
+    call: dict[str, Any]
+    """The call object (``call_id``, numbers, transcript, ``call_analysis``...)."""
+    raw: dict[str, Any]
+    """The payload as sent, for fields this model does not name."""
+
+    @property
+    def call_id(self) -> str | None:
+        call_id = self.call.get("call_id")
+        return call_id if isinstance(call_id, str) else None
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> WebhookEvent:
+        """Raises ValueError unless ``payload`` is an object with a string ``event``."""
+        if not isinstance(payload, dict):
+            raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
+        event = payload.get("event")
+        if not isinstance(event, str) or not event:
+            raise ValueError("no 'event' string")
+        call = payload.get("call", {})
+        if not isinstance(call, dict):
+            raise ValueError(f"'call' is a {type(call).__name__}, not an object")
+        return cls(event=event, call=call, raw=payload)
+
+
+WebhookHandler: TypeAlias = Callable[[WebhookEvent], Awaitable[None] | None]
+"""Called with each verified event; sync functions run in a worker thread."""
+
+
+def verify_signature(
+    raw_body: bytes,
+    header: str | None,
+    api_key: str,
+    *,
+    now_ms: int | None = None,
+    tolerance_s: float = 300,
+) -> bool:
+    """Whether ``header`` (``X-Retell-Signature``) signs ``raw_body`` with ``api_key``
+    within ``tolerance_s`` of ``now_ms`` (default: the clock). Never raises."""
+    return _refusal(raw_body, header, api_key, now_ms=now_ms, tolerance_s=tolerance_s) is None
+
+
+def _refusal(
+    raw_body: bytes, header: str | None, api_key: str, *, now_ms: int | None, tolerance_s: float
+) -> str | None:
+    """Why the signature is refused (for the log, never the client), or None if valid."""
+    if header is None:
+        return f"no {SIGNATURE_HEADER} header"
+    match = _SIGNATURE.fullmatch(header) if isinstance(header, str) else None
+    if match is None:
+        return f"malformed {SIGNATURE_HEADER} header"
+    if not api_key or not isinstance(raw_body, bytes | bytearray):
+        return "no key or no body to check"  # an empty key would let anyone sign
+    stamp = int(match.group(1))
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    skew_ms = stamp - now
+    if abs(skew_ms) > tolerance_s * 1000:  # the SDK allows exactly the tolerance too
+        side = "ahead" if skew_ms > 0 else "old"
+        return f"timestamp {abs(skew_ms) / 1000:.0f} s {side} (window {tolerance_s:g} s)"
+    # The SDK signs (body_str + str(v)) encoded as UTF-8: the same bytes as these,
+    # with str(int) dropping any leading zeros of the header's digits as it does.
+    expected = hmac.new(api_key.encode(), bytes(raw_body) + str(stamp).encode(), hashlib.sha256)
+    if not hmac.compare_digest(expected.hexdigest(), match.group(2)):
+        return "signature does not match the body"
+    return None
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The raw body, or None as soon as it exceeds ``limit`` (without reading the rest)."""
+    try:  # not str.isdigit(): it takes "²", which int() refuses
+        declared = int(request.headers.get("content-length", ""))
+    except ValueError:
+        declared = 0  # absent or odd: the stream is counted below anyway
+    if declared > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def _call_handler(handler: WebhookHandler, event: WebhookEvent) -> None:
+    result: object
+    if inspect.iscoroutinefunction(handler):
+        result = handler(event)
+    else:
+        # In a thread: a slow sync handler (a database write) must not stall live
+        # calls. On timeout the thread cannot be stopped and finishes in the background.
+        result = await asyncio.to_thread(handler, event)
+    # A callable that is not a coroutine function may still hand back a coroutine
+    # (an object with an async __call__): it runs here, on the loop.
+    if inspect.isawaitable(result):
+        await result
+
+
+def webhook_endpoint(
+    api_key: str,
+    handler: WebhookHandler | None = None,
+    *,
+    tolerance_s: float = 300,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    timeout_s: float = HANDLER_TIMEOUT_S,
+) -> Callable[[Request], Awaitable[Response]]:
+    """The Starlette endpoint: read, verify, parse, hand over, answer.
+
+    401 bad signature, 413 too big, 400 verified but not an event, 500 handler
+    failed or timed out (Retell may retry), 204 handled. Refusals are logged with
+    the client address and the reason, never the key or the signature.
+    """
+
+    async def endpoint(request: Request) -> Response:
+        client = request.client.host if request.client else "unknown"
+        try:
+            raw = await _read_body(request, max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is left to read the answer
+        if raw is None:
+            logger.warning("webhook from %s refused: body over %d bytes", client, max_body_bytes)
+            return PlainTextResponse("body too large", status_code=413)
+        header = request.headers.get(SIGNATURE_HEADER)
+        reason = _refusal(raw, header, api_key, now_ms=None, tolerance_s=tolerance_s)
+        if reason is not None:
+            logger.warning("webhook from %s refused: %s", client, reason)
+            return PlainTextResponse("invalid signature", status_code=401)
+        try:
+            event = WebhookEvent.from_payload(orjson.loads(raw))
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            logger.warning("signed webhook from %s is not an event: %s", client, exc)
+            return PlainTextResponse("not a Retell event", status_code=400)
+        token = call_id_var.set(event.call_id or "-")  # the handler's log lines name the call
+        try:
+            if handler is None:
+                logger.info(
+                    "webhook %s for call %s (no handler configured)", event.event, event.call_id
+                )
+                return Response(status_code=204)
+            try:
+                await asyncio.wait_for(_call_handler(handler, event), timeout_s)
+            except TimeoutError:
+                logger.error("webhook handler for %s timed out after %g s", event.event, timeout_s)
+                return PlainTextResponse("handler failed", status_code=500)
+            except Exception:
+                logger.exception("webhook handler for %s failed", event.event)
+                return PlainTextResponse("handler failed", status_code=500)
+            return Response(status_code=204)
+        finally:
+            call_id_var.reset(token)
+
+    return endpoint
+
+
+def webhook_routes(agent: Agent, on_webhook: WebhookHandler | None = None) -> list[Route]:
+    """``POST server.webhooks.path`` if the agent has a webhook key, else nothing.
+
+    The handler is ``on_webhook`` or, failing that, ``server.webhooks.handler``
+    imported now, so a bad reference stops the server at start-up. Raises
+    :class:`AgentConfigError` for a reference that does not load, a handler that
+    cannot take an event, or a handler without a key (it could never be called).
+    """
+    settings = agent.server.webhooks
+    where = f"agent {agent.name!r}: server.webhooks"
+    handler = on_webhook
+    if handler is None and settings.handler is not None:
+        try:
+            handler = load_callable(settings.handler)
+        except ToolReferenceError as exc:
+            # load_callable speaks of tools; this reference is a webhook handler.
+            raise AgentConfigError(f"{where}.handler: {str(exc).removeprefix('tool ')}") from None
+    if handler is not None:
+        try:
+            inspect.signature(handler).bind(None)
+        except TypeError:
+            raise AgentConfigError(
+                f"{where}.handler: {handler!r} must take one argument, the event"
+            ) from None
+        except ValueError:
+            pass  # no signature to inspect (some builtins); it will fail on the first event
+    if settings.api_key is None:
+        if handler is not None:
+            raise AgentConfigError(
+                f"{where}: a handler needs api_key (the key with Retell's "
+                '"webhook" badge), or events could never be verified'
+            )
+        return []
+    api_key = settings.api_key.get_secret_value()
+    if not api_key:
+        raise AgentConfigError(f"{where}.api_key is empty (is its ${{ENV}} variable set?)")
+    endpoint = webhook_endpoint(api_key, handler, tolerance_s=settings.tolerance_s)
+    return [Route("/" + settings.path.strip("/"), endpoint, methods=["POST"])]
