@@ -128,7 +128,12 @@ class CallControl:
         self._sink = sink
         self._variables = variables
         self._call = call
-        self._interrupt_id = 0
+        self.interrupt_id = 0
+        """The last ``agent_interrupt`` id used (restored after a reconnect)."""
+        self.overrides: dict[str, Any] = {}
+        """The ``update_agent`` settings sent so far (restored after a reconnect)."""
+        self.on_change: Callable[[], None] | None = None
+        """Called after either of the above changes, to save the call's memory."""
 
     @property
     def variables(self) -> Mapping[str, str]:
@@ -154,11 +159,12 @@ class CallControl:
         call uses a new ``interrupt_id``, which discards an earlier interrupt
         still playing. ``action`` (hang up, transfer, digits) runs after it.
         """
-        self._interrupt_id += 1
+        self.interrupt_id += 1
+        self._changed()
         fields = action.frame_fields() if action else {}
         fields.pop("show_transferee_as_caller", None)  # not defined for agent_interrupt
         frame = AgentInterruptFrame(
-            interrupt_id=self._interrupt_id,
+            interrupt_id=self.interrupt_id,
             content=text,
             content_complete=True,
             no_interruption_allowed=no_interruption_allowed or None,
@@ -185,13 +191,22 @@ class CallControl:
             reminder_trigger_ms=reminder_trigger_ms,
             reminder_max_count=reminder_max_count,
         )
-        if not update.model_dump(exclude_none=True):
+        settings = update.model_dump(exclude_none=True)
+        if not settings:
             raise ValueError("update_agent needs at least one setting")
-        return await self._send(UpdateAgentFrame(agent_config=update))
+        sent = await self._send(UpdateAgentFrame(agent_config=update))
+        if sent:
+            self.overrides.update(settings)
+            self._changed()
+        return sent
 
     async def send_metadata(self, metadata: Mapping[str, Any]) -> bool:
         """Forward ``metadata`` to a web call's frontend (its "metadata" event)."""
         return await self._send(MetadataFrame(metadata=dict(metadata)))
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     async def _send(self, frame: OutboundFrame) -> bool:
         sent = await self._sink.send_frame(frame)

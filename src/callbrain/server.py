@@ -28,10 +28,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from callbrain.access import AccessGuard
 from callbrain.agent import Agent
 from callbrain.call_control import CallHook
+from callbrain.call_store import CallStore, MemoryCallStore
 from callbrain.conversation import build_chat_request, render_template
 from callbrain.llm import LLM, ChatRequest, create_llms
 from callbrain.logs import call_id_var
 from callbrain.protocol import Utterance
+from callbrain.redis_store import RedisStores
 from callbrain.session import CLOSE_INTERNAL_ERROR, CallSession
 from callbrain.tools.idempotency import IdempotencyStore
 from callbrain.tools.runner import Toolbox
@@ -53,11 +55,25 @@ class AgentRuntime:
     """
 
     def __init__(
-        self, agent: Agent, llm: LLM | None = None, store: IdempotencyStore | None = None
+        self,
+        agent: Agent,
+        llm: LLM | None = None,
+        store: IdempotencyStore | None = None,
+        call_store: CallStore | None = None,
     ) -> None:
         self.agent = agent
         tools = agent.build_tools()
+        # Given stores win; else Redis when configured (several instances), else memory.
+        settings = agent.server.store
+        self.redis = (
+            RedisStores(settings.redis_url, ttl_s=settings.ttl_s) if settings.redis_url else None
+        )
+        if store is None and self.redis is not None:
+            store = self.redis.results
         self.toolbox = Toolbox(tools) if store is None else Toolbox(tools, store)
+        self.call_store: CallStore = call_store or (
+            self.redis.calls if self.redis is not None else MemoryCallStore(ttl_s=settings.ttl_s)
+        )
         self._given = llm
         self._ready: LLM | None = None
         self._lock = asyncio.Lock()
@@ -124,6 +140,8 @@ class AgentRuntime:
         if ready is not None and self._given is None:
             await ready.aclose()
         await self.toolbox.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 class _StarletteTransport:
@@ -162,19 +180,21 @@ def create_app(
     store: IdempotencyStore | None = None,
     on_call_start: CallHook | None = None,
     on_webhook: WebhookHandler | None = None,
+    call_store: CallStore | None = None,
 ) -> Starlette:
     """An ASGI app serving ``agent`` at ``{prefix}/{call_id}``, plus ``GET /healthz``.
 
     Pass ``llm`` to supply a ready model client (shared, or customised in code);
     otherwise one is built from ``agent.llm``. ``store`` keeps side-effecting
-    tools' results (in memory by default). ``on_call_start`` is run for every
+    tools' results and ``call_store`` what each call knows for a reconnect (in
+    memory, or in Redis with ``server.store.redis_url``). ``on_call_start`` is run for every
     call with its :class:`~callbrain.call_control.CallControl`, e.g. to start
     a background job that speaks up (``agent_interrupt``) when it is done.
     With ``server.webhooks.api_key`` set, ``POST server.webhooks.path`` takes
     Retell's signed call events and hands verified ones to ``on_webhook`` (or
     the file's ``server.webhooks.handler``); see :mod:`callbrain.webhooks`.
     """
-    runtime = AgentRuntime(agent, llm, store)
+    runtime = AgentRuntime(agent, llm, store, call_store)
     webhooks = webhook_routes(agent, on_webhook)  # a bad handler reference fails here
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     guard = AccessGuard(agent.server.access)  # an empty secret fails here
@@ -207,6 +227,7 @@ def create_app(
                 toolbox=runtime.toolbox,
                 on_call_start=on_call_start,
                 limits=agent.server.access,
+                call_store=runtime.call_store,
             )
             runtime.add_session(session)
             try:
@@ -227,6 +248,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if runtime.redis is not None:
+            await runtime.redis.ping()  # unreachable Redis: fail the start-up, not a call
         model = await runtime.get_llm()
         logger.info("agent %r ready on %s/%s", agent.name, model.provider, model.model)
         try:

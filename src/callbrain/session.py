@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from callbrain.access import fit_transcript
 from callbrain.agent import Agent
 from callbrain.call_control import CallControl, CallHook
+from callbrain.call_store import CallMemory, CallStore, MemoryCallStore
 from callbrain.conversation import ToolExchange, build_chat_request, render_template
 from callbrain.llm.base import LLM
 from callbrain.llm.chat import ChatRequest
@@ -59,6 +60,9 @@ from callbrain.tools.runner import Toolbox, ToolRun, ToolRunner
 from callbrain.turn import Turn
 
 logger = logging.getLogger("callbrain.session")
+
+_STORE_TIMEOUT_S = 2.0
+"""A store that does not answer in this long is skipped: the call must go on."""
 
 # WebSocket close code for "server error" (RFC 6455). Never 1000: Retell takes 1000 as a
 # deliberate hang-up and ends the call without reconnecting.
@@ -92,11 +96,14 @@ class CallSession:
         toolbox: Toolbox | None = None,
         on_call_start: CallHook | None = None,
         limits: AccessSettings | None = None,
+        call_store: CallStore | None = None,
     ) -> None:
         """``toolbox`` is shared by the server's calls (by default this call gets
         the agent's tools, built now, and a private in-memory store);
         ``on_call_start`` runs as a task once the call is up; ``limits`` (frame
-        and transcript size) default to the agent's ``server.access``."""
+        and transcript size) default to the agent's ``server.access``;
+        ``call_store`` keeps what the call knows for a reconnect (shared by the
+        server's calls; by default a private one, which no reconnect can reach)."""
         self.agent = agent
         self.llm = llm
         self.call_id = call_id
@@ -107,6 +114,7 @@ class CallSession:
         self.variables: dict[str, str] = {**agent.dynamic_variables, "call_id": call_id}
         self.tool_history: list[ToolExchange] = []
         self.control = CallControl(call_id, self, self.variables, lambda: self.call)
+        self.control.on_change = self._remember
         self.runner = ToolRunner(
             toolbox=toolbox if toolbox is not None else Toolbox(agent.build_tools()),
             control=self.control,
@@ -115,6 +123,11 @@ class CallSession:
         )
         self._on_call_start = on_call_start
         self._limits = limits if limits is not None else agent.server.access
+        self._store = call_store if call_store is not None else MemoryCallStore()
+        self._saves: set[asyncio.Task[None]] = set()
+        self._save_lock = asyncio.Lock()
+        self.resumed = False
+        """The call's memory was found: this socket is a reconnect."""
         self._transcript_cut = False  # the first cut is a warning, later ones debug
         # The begin message is response 0; every request from Retell has a higher id.
         self._latest_id = 0
@@ -136,6 +149,7 @@ class CallSession:
             "call started (agent=%s, llm=%s/%s)", self.agent.name, self.llm.provider, self.llm.model
         )
         try:
+            await self._restore()
             flags = self.agent.retell_config
             await self._send(ConfigFrame(config=ConfigFlags(**flags.model_dump())))
             if self.agent.wait_for_call_details:
@@ -154,6 +168,8 @@ class CallSession:
         finally:
             self._open = False
             await self._stop_tasks()
+            self._remember()  # what tools finished while stopping
+            await self._flush_saves()
             logger.info("call ended")
 
     async def _dispatch(self, raw: str | bytes) -> None:
@@ -200,6 +216,7 @@ class CallSession:
                 self.variables[key] = value
         self.variables.update(frame.dynamic_variables)
         self._details_arrived.set()
+        self._remember()
         logger.info("call details received (%d dynamic variables)", len(frame.dynamic_variables))
 
     def _on_turn_request(self, frame: TurnRequest) -> None:
@@ -242,6 +259,10 @@ class CallSession:
         await self._greet()
 
     async def _greet(self) -> None:
+        if self.resumed:
+            # A reconnect mid-call: the caller heard the greeting long ago.
+            await self._send_response(0, "", complete=True)
+            return
         text, missing = render_template(self.agent.begin_message, self.variables)
         if missing:
             logger.warning("begin_message variables without a value: %s", ", ".join(missing))
@@ -331,6 +352,53 @@ class CallSession:
 
     def _record_tool_run(self, run: ToolRun, anchor: int) -> None:
         self.tool_history.append(ToolExchange(anchor, run.call, run.output))
+        self._remember()
+
+    # ----------------------------------------------------------------- memory
+
+    async def _restore(self) -> None:
+        """Pick up where a dropped socket of this call left off, if it did."""
+        try:
+            async with asyncio.timeout(_STORE_TIMEOUT_S):
+                memory = await self._store.load(self.call_id)
+        except Exception as exc:
+            logger.warning("could not load the call's memory (%r); starting afresh", exc)
+            return
+        if memory is None:
+            return
+        self.resumed = True
+        if memory.call is not None:
+            self._on_call_details(CallDetails(interaction_type="call_details", call=memory.call))
+        self.tool_history = list(memory.tool_history)
+        self.control.interrupt_id = memory.interrupt_id
+        self.control.overrides = dict(memory.agent_overrides)
+        logger.info(
+            "call resumed on a new socket: %d tool result(s) restored", len(self.tool_history)
+        )
+
+    def _remember(self) -> None:
+        """Save what the call knows now, in the background and in order."""
+        memory = CallMemory(
+            call=self.call,
+            tool_history=list(self.tool_history),
+            interrupt_id=self.control.interrupt_id,
+            agent_overrides=dict(self.control.overrides),
+        )
+        task = asyncio.get_running_loop().create_task(self._save(memory))
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+
+    async def _save(self, memory: CallMemory) -> None:
+        async with self._save_lock:  # FIFO: a later state is never overwritten by an earlier
+            try:
+                async with asyncio.timeout(_STORE_TIMEOUT_S):
+                    await self._store.save(self.call_id, memory)
+            except Exception as exc:
+                logger.warning("could not save the call's memory (%r); the call goes on", exc)
+
+    async def _flush_saves(self) -> None:
+        if self._saves:
+            await asyncio.wait(set(self._saves), timeout=_STORE_TIMEOUT_S * 2)
 
     async def _run_hook(self, hook: CallHook) -> None:
         try:

@@ -58,8 +58,19 @@ class WebhookSettings(_Settings):
     """Events signed longer ago (or ahead) than this are refused as replays."""
 
 
+class StoreSettings(_Settings):
+    """Where calls' memories and side-effecting tools' results are kept."""
+
+    redis_url: str | None = None
+    """``redis://host:6379/0`` to share them between instances (a reconnect may
+    land on another one). None: in this process."""
+    ttl_s: float = Field(default=6 * 3600, gt=0)
+    """How long a call's memory outlives its last change."""
+
+
 class ServerSettings(_Settings):
     access: AccessSettings = Field(default_factory=AccessSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     drain_s: float = Field(default=30.0, ge=0)
     """On SIGTERM: how long calls in progress may go on before their open turns
