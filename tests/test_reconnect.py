@@ -10,15 +10,11 @@ into a failure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from callbrain.agent import Agent
 from callbrain.call_control import CallControl
@@ -52,32 +48,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest_asyncio.fixture
-async def redis_url() -> AsyncIterator[str]:
-    """A private redis-server on a free port, for this test only."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CALLBRAIN_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed, and CALLBRAIN_REQUIRE_REDIS=1 (CI)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server); CI runs these")
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            await asyncio.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 def make_agent(fake: FakeOpenAIServer, redis: str | None = None, **fields: Any) -> Agent:
