@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # --------------------------------------------------------------------------- inbound
 
+_MAX_ID = 2**63 - 1
+"""Ids and timestamps go back out in our frames: no larger than JSON encoders carry.
+They are strict integers too: a lax "5" or 5.0 or true would be answered under an
+id Retell never sent."""
+
 
 class _Inbound(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -54,7 +59,8 @@ class PingPong(_Inbound):
     """Keep-alive, every 2 s when ``auto_reconnect`` is on; echo ``timestamp`` at once."""
 
     interaction_type: Literal["ping_pong"]
-    timestamp: int
+    timestamp: int = Field(strict=True, ge=0, le=_MAX_ID)
+    """Echoed as is, so it must be an integer JSON can carry back (not "5", 5.0, true)."""
 
 
 class CallDetails(_Inbound):
@@ -90,14 +96,14 @@ class ResponseRequired(_WithTranscript):
     """Retell wants the agent's answer, under ``response_id``."""
 
     interaction_type: Literal["response_required"]
-    response_id: int = Field(ge=0)
+    response_id: int = Field(strict=True, ge=0, le=_MAX_ID)
 
 
 class ReminderRequired(_WithTranscript):
     """The caller has been silent; Retell wants a short check-in under ``response_id``."""
 
     interaction_type: Literal["reminder_required"]
-    response_id: int = Field(ge=0)
+    response_id: int = Field(strict=True, ge=0, le=_MAX_ID)
 
 
 InboundFrame = PingPong | CallDetails | UpdateOnly | ResponseRequired | ReminderRequired

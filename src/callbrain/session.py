@@ -445,10 +445,17 @@ class CallSession:
             return self._open and await self._write(frame)
 
     async def _write(self, frame: OutboundFrame) -> bool:
-        # Called with the send lock held. A socket that died under us ends the call
-        # quietly: the read loop sees the close next and tears the session down.
+        # Called with the send lock held. A frame that cannot be encoded is our bug,
+        # not a dead socket: log it and keep the call.
         try:
-            await self._transport.send_text(encode(frame))
+            text = encode(frame)
+        except Exception:
+            logger.exception("could not encode a %s frame; not sent", frame.response_type)
+            return False
+        # A socket that died under us ends the call quietly: the read loop sees
+        # the close next and tears the session down.
+        try:
+            await self._transport.send_text(text)
         except Exception as exc:
             self._open = False
             logger.info("socket closed while sending %s: %r", frame.response_type, exc)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -153,11 +153,13 @@ class ProtocolChecker:
         """We (Retell's side) sent ``frame`` at ``at``."""
         self._clock(at)
         kind = frame.get("interaction_type")
-        if kind == "ping_pong" and isinstance(frame.get("timestamp"), int):
+        # Only frames a server must act on count: an id of true or 2**64 is one it
+        # rightly skips, and must not be blamed for.
+        if kind == "ping_pong" and _is_id(frame.get("timestamp")):
             self._pings[frame["timestamp"]] = _Ping(at)
         elif kind in ("response_required", "reminder_required"):
             rid = frame.get("response_id")
-            if isinstance(rid, int) and rid > self._latest_id:
+            if _is_id(rid) and rid > self._latest_id:
                 for turn in self._all_turns():
                     if turn.response_id < rid and turn.superseded_at is None:
                         turn.superseded_at = at
@@ -307,6 +309,11 @@ class ProtocolChecker:
     def _violate(self, rule: str, detail: str, at: float, response_id: int | None = None) -> None:
         start = self._start if self._start is not None else at
         self.violations.append(Violation(rule, detail, at - start, response_id))
+
+
+def _is_id(value: object) -> TypeGuard[int]:
+    """A JSON integer the protocol accepts as an id or timestamp (not a bool)."""
+    return type(value) is int and 0 <= value < 2**63
 
 
 def _is_action(key: str, value: object) -> bool:

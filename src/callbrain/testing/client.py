@@ -215,10 +215,11 @@ class RetellClient:
         if isinstance(frame, dict):
             frame = orjson.dumps(frame).decode()
         # What went out, not the caller's dict: its transcript list keeps changing.
-        try:
-            parsed = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            parsed = None
+        # A binary frame is no frame of the protocol (servers ignore it): not recorded.
+        parsed: object = None
+        if isinstance(frame, str):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed = orjson.loads(frame)
         # Recorded before the send: a fast server may answer before send() returns.
         if isinstance(parsed, dict):
             if self._keep_sent:
