@@ -14,14 +14,13 @@ backend provides (in memory here, Redis in :mod:`callbrain.redis_store`).
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
 from callbrain.conversation import ToolExchange
+from callbrain.expiring import ExpiringDict
 from callbrain.llm.chat import ToolCall, ToolOutput
 
 CALL_TTL_S = 6 * 3600
@@ -87,26 +86,15 @@ class MemoryCallStore:
     same instance find their call (the usual case with one instance)."""
 
     def __init__(self, *, ttl_s: float = CALL_TTL_S, max_calls: int = 50_000) -> None:
-        self.ttl_s = ttl_s
-        self.max_calls = max_calls
         # Serialised, so a later change to the session's objects cannot leak in.
-        self._calls: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._calls: ExpiringDict[bytes] = ExpiringDict(ttl_s=ttl_s, max_entries=max_calls)
 
     async def load(self, call_id: str) -> CallMemory | None:
-        entry = self._calls.get(call_id)
-        if entry is None:
-            return None
-        saved_at, data = entry
-        if time.monotonic() - saved_at > self.ttl_s:
-            del self._calls[call_id]
-            return None
-        return CallMemory.from_json(data)
+        data = self._calls.get(call_id)
+        return None if data is None else CallMemory.from_json(data)
 
     async def save(self, call_id: str, memory: CallMemory) -> None:
-        self._calls[call_id] = (time.monotonic(), memory.to_json())
-        self._calls.move_to_end(call_id)
-        while len(self._calls) > self.max_calls:
-            self._calls.popitem(last=False)
+        self._calls.put(call_id, memory.to_json())
 
     def __len__(self) -> int:
         return len(self._calls)

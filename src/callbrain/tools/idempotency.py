@@ -15,13 +15,13 @@ a shared store later.
 from __future__ import annotations
 
 import hashlib
-import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+
+from callbrain.expiring import ExpiringDict
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,25 +55,15 @@ class MemoryIdempotencyStore:
     """
 
     def __init__(self, *, ttl_s: float = 6 * 3600, max_entries: int = 100_000) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, StoredResult]] = OrderedDict()
+        self._entries: ExpiringDict[StoredResult] = ExpiringDict(
+            ttl_s=ttl_s, max_entries=max_entries
+        )
 
     async def get(self, key: str) -> StoredResult | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        stored_at, result = entry
-        if time.monotonic() - stored_at > self.ttl_s:
-            del self._entries[key]
-            return None
-        return result
+        return self._entries.get(key)
 
     async def put(self, key: str, result: StoredResult) -> None:
-        self._entries[key] = (time.monotonic(), result)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.put(key, result)
 
     def __len__(self) -> int:
         return len(self._entries)
