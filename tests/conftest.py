@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from support import RemoteBackend
 
 from callbrain.llm import LLM
 from callbrain.testing.fake_llm import FakeLLMServer
+from callbrain.testing.serve import free_port
 
 MakeLLM = Callable[..., Any]
 
@@ -60,12 +60,6 @@ async def make_llm(backend: RemoteBackend, fake: FakeLLMServer) -> AsyncIterator
     yield make
     for llm in made:
         await llm.aclose()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest_asyncio.fixture

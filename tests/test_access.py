@@ -13,7 +13,6 @@ import hmac
 import logging
 import os
 import signal
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -35,7 +34,7 @@ from callbrain.server import create_app
 from callbrain.settings import AccessSettings, ServerSettings
 from callbrain.testing.client import RetellClient, agent, user
 from callbrain.testing.fake_llm import FakeOpenAIServer, Reply
-from callbrain.testing.serve import serve_asgi
+from callbrain.testing.serve import free_port, serve_asgi
 
 SECRET = "s3cret-Qx7vLm2pR9tZk4Wd"
 WRONG = SECRET[:-4] + "AAAA"  # shares all but its last characters with the secret
@@ -366,12 +365,6 @@ def test_a_cut_transcript_keeps_its_positions_and_the_newest_words() -> None:
 
 
 # ---------------------------------------------------------------------- CLI
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_serve_hides_the_secret_and_trusts_no_forwarded_for_by_itself(

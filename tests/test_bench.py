@@ -5,7 +5,6 @@ asserts a latency: the machines are shared, so the numbers are only reported."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from collections.abc import AsyncIterator
 
@@ -17,14 +16,9 @@ from callbrain.agent import Agent
 from callbrain.llm.config import OpenAIConfig
 from callbrain.testing import FakeOpenAIServer, Reply, serve_agent, serve_asgi
 from callbrain.testing.bench import LoadOptions, percentiles, run_load
+from callbrain.testing.serve import free_port
 
 QUICK = LoadOptions(calls=6, duration_s=1.5, ramp_s=0.2, pause_s=0.1, ttft_s=0.0, seed=7)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest_asyncio.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +17,7 @@ import pytest
 
 from callbrain.agent import Agent, example_agent_path
 from callbrain.testing.client import RetellClient
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from callbrain.testing.serve import free_port
 
 
 def callbrain(*args: str) -> list[str]:

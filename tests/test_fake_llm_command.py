@@ -20,15 +20,10 @@ import pytest
 from typer.testing import CliRunner
 
 from callbrain.cli import app
+from callbrain.testing.serve import free_port
 
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
 HI = [{"role": "user", "content": "Hi"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fake_llm_command(*flags: str) -> list[str]:

@@ -10,7 +10,6 @@ into a failure.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from callbrain.call_control import CallControl
 from callbrain.llm.config import OpenAIConfig
 from callbrain.server import create_app
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_asgi
+from callbrain.testing.serve import free_port
 from callbrain.tools import tool
 
 BOOKINGS: list[str] = []
@@ -42,12 +42,6 @@ def _no_bookings() -> Iterator[None]:
     BOOKINGS.clear()
     yield
     BOOKINGS.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_agent(fake: FakeOpenAIServer, redis: str | None = None, **fields: Any) -> Agent:

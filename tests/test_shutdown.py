@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from callbrain.agent import Agent
 from callbrain.llm.config import OpenAIConfig
 from callbrain.server import create_app
 from callbrain.testing import FakeOpenAIServer, Reply, RetellClient, serve_asgi
+from callbrain.testing.serve import free_port
 
 WORDS = ["We ", "are ", "open ", "from ", "nine ", "to ", "five ", "on ", "weekdays."]
 
@@ -83,12 +83,6 @@ async def test_calls_that_end_during_the_drain_let_it_finish_early() -> None:
                 reply = await call.ask("Thanks, bye")
                 assert reply.text == "Bye now." and reply.completes == 1
             assert await asyncio.wait_for(drain, 10) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_sigterm_drains_callbrain_serve_and_exits_cleanly(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from rich.text import Text
 
 from callbrain.server import DEFAULT_PREFIX
 from callbrain.testing.bench import LoadOptions, LoadReport, run_load
+from callbrain.testing.serve import free_port
 
 _READY_TIMEOUT_S = 60.0
 
@@ -55,12 +55,6 @@ class ProcessUsage:
 
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def raise_open_files_limit() -> int:

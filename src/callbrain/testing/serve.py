@@ -18,6 +18,14 @@ import uvicorn
 from starlette.types import ASGIApp
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, for a server started as a process
+    (in-process servers bind port 0 themselves and have no race)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 @contextlib.asynccontextmanager
 async def serve_asgi(
     app: ASGIApp,
