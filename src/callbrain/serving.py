@@ -27,18 +27,37 @@ import signal
 import socket
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from callbrain.server import AgentRuntime
+if TYPE_CHECKING:  # kept light: `callbrain fake-llm` runs on ProcessServer too
+    from callbrain.server import AgentRuntime
 
 logger = logging.getLogger("callbrain.server")
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
-class CallbrainServer(uvicorn.Server):
+class ProcessServer(uvicorn.Server):
+    """uvicorn as the process's own server, ending with status 0 on SIGINT/SIGTERM.
+
+    uvicorn's ``capture_signals`` re-raises the signal after shutting down, so
+    the process would die "by SIGTERM" (or, for SIGINT, with click's "Aborted!"
+    and status 1) even after a clean shutdown.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class CallbrainServer(ProcessServer):
     """uvicorn's server with a draining first signal (see the module docstring)."""
 
     def __init__(
@@ -85,14 +104,3 @@ class CallbrainServer(uvicorn.Server):
                 transport.abort()
                 dropped += 1
         return dropped
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn's own version re-raises the signal after shutting down, so the
-        # process would die "by SIGTERM" even after a clean drain.
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

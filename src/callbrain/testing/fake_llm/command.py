@@ -9,11 +9,9 @@ counts outcomes, printed at exit) and logs no line per request.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import typer
@@ -21,6 +19,7 @@ import uvicorn
 from rich.console import Console
 
 from callbrain.logs import configure_logging
+from callbrain.serving import ProcessServer
 from callbrain.testing.fake_llm.anthropic import FakeAnthropicServer
 from callbrain.testing.fake_llm.base import FakeLLMServer
 from callbrain.testing.fake_llm.mix import DEFAULT_TEXT, ReplyMix, ReplyMixError
@@ -56,14 +55,13 @@ def banner(provider: Provider, host: str, port: int, replies: str) -> str:
     )
 
 
-class _FakeLLMProcess(uvicorn.Server):
+class _FakeLLMProcess(ProcessServer):
     """uvicorn as the process's server, with three changes for a fake.
 
     The banner is printed once the socket listens (so ``--port 0`` shows the
     real port); stalled streams are aborted as shutdown begins instead of
     holding it up until the graceful timeout; and SIGINT/SIGTERM end the
-    process with status 0, where plain uvicorn re-raises the signal after its
-    shutdown (death by SIGTERM; for SIGINT, click's "Aborted!" and status 1).
+    process with status 0 (:class:`~callbrain.serving.ProcessServer`).
     """
 
     def __init__(
@@ -83,16 +81,6 @@ class _FakeLLMProcess(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.fake.abort_streams()
         await super().shutdown(sockets)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        handled = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def fake_llm(
