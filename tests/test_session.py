@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -224,7 +225,11 @@ async def test_newer_request_closes_the_old_stream_at_once_and_silences_it(
         assert call.response_turn(old).completes == 0
 
 
-async def test_superseded_before_the_first_token_sends_nothing(fake: FakeOpenAIServer) -> None:
+async def test_superseded_before_the_first_token_sends_nothing(
+    fake: FakeOpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The old turn is cut while it waits for its first token (with the filler timer
+    # running): it must end as cancelled, not as an error of its own.
     fake.script(Reply("Too late.", ttft=30), Reply("Right away."))
     async with start_call(make_agent(fake)) as call:
         await greeted_call(call)
@@ -236,6 +241,8 @@ async def test_superseded_before_the_first_token_sends_nothing(fake: FakeOpenAIS
         await fake.wait_for_outcome(0, "client_disconnected", timeout=3)
         await call.ping()
         assert call.response_turn(old).frames == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
 
 
 async def test_the_troubleshooting_guides_bare_request_gets_an_answer(

@@ -20,6 +20,7 @@ nothing; :mod:`callbrain.tools.runner` decides which tools keep running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -151,7 +152,12 @@ class Turn:
                 await self._say(self.agent.first_token_filler_message)
             return await pending
         finally:
-            pending.cancel()  # no-op once done; if we are cancelled, stop waiting
+            # If we are cancelled (a barge-in), the read must be over before the
+            # stream is closed: closing a generator that is still being read fails.
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
 
     async def _run_tools(self, calls: list[ToolCall]) -> list[ToolRun]:
         self.report.tool_calls += len(calls)
