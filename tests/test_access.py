@@ -26,19 +26,20 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from callbrain.access import AccessGuard, RejectionLimiter, fit_transcript, parse_address
 from callbrain.agent import Agent, AgentConfigError
+from callbrain.call.conversation import fit_transcript
 from callbrain.llm.config import OpenAIConfig
-from callbrain.protocol import ResponseRequired, parse_inbound
-from callbrain.server import create_app
-from callbrain.settings import AccessSettings, ServerSettings
+from callbrain.retell.frames import ResponseRequired, parse_inbound
+from callbrain.server.access import AccessGuard, RejectionLimiter, parse_address
+from callbrain.server.app import create_app
+from callbrain.server.settings import AccessSettings, ServerSettings
 from callbrain.testing.client import RetellClient, agent, user
 from callbrain.testing.fake_llm import FakeOpenAIServer, Reply
 from callbrain.testing.serve import free_port, serve_asgi
 
 SECRET = "s3cret-Qx7vLm2pR9tZk4Wd"
 WRONG = SECRET[:-4] + "AAAA"  # shares all but its last characters with the secret
-ACCESS_LOG = "callbrain.access"
+ACCESS_LOG = "callbrain.server.access"
 
 
 @pytest.fixture
@@ -188,9 +189,11 @@ def test_the_secret_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch
     assert AccessGuard(AccessSettings()).secret_matches(None)
 
 
-def test_an_empty_secret_is_a_configuration_error() -> None:
-    with pytest.raises(AgentConfigError, match="secret is empty"):
-        AccessGuard(AccessSettings.model_validate({"secret": " "}))
+@pytest.mark.parametrize("block", ["access", "webhooks"])
+def test_an_empty_secret_is_a_configuration_error(block: str) -> None:
+    key = "secret" if block == "access" else "api_key"
+    with pytest.raises(AgentConfigError, match=rf"server\.{block}\.{key}: is empty"):
+        Agent.from_dict({"server": {block: {key: " "}}}, source="agent.yaml")
 
 
 # ----------------------------------------------------------------- addresses
@@ -287,10 +290,10 @@ async def test_max_calls_refuses_the_next_call_until_one_hangs_up(
 # ------------------------------------------------------------------- limits
 
 
-async def test_an_oversized_frame_is_ignored_and_the_call_goes_on(
+async def test_an_oversized_update_is_ignored_but_an_oversized_request_is_answered(
     fake: FakeOpenAIServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake.script(Reply("Still here."))
+    fake.script(Reply("Still here."), Reply("Answered anyway."))
     async with (
         serving(fake, max_frame_bytes=1024) as (base, _),
         RetellClient.connect(base, "c1") as call,
@@ -298,19 +301,17 @@ async def test_an_oversized_frame_is_ignored_and_the_call_goes_on(
         await call.expect_config()
         await call.expect_begin()
         for text in ("x" * 1100, "é" * 600):  # 600 characters, but 1200 bytes
-            await call.send(
-                {
-                    "interaction_type": "response_required",
-                    "response_id": 5,
-                    "transcript": [user(text)],
-                }
-            )
+            await call.send({"interaction_type": "update_only", "transcript": [user(text)]})
         await call.ping()
         assert (await call.ask("Hello?")).text == "Still here."
+        # A request for an answer is never dropped, whatever its size: dead air is worse.
+        big = await call.ask("y" * 2000)
+        assert big.text == "Answered anyway." and big.completes == 1
         assert not call.closed
-    assert len(fake.requests) == 1  # the oversized requests never reached the model
+    assert len(fake.requests) == 2
     sizes = [r.getMessage() for r in caplog.records if "over max_frame_bytes (1024)" in r.message]
-    assert len(sizes) == 2 and "ignored a 1" in sizes[0]
+    # The two updates above and the one ask() sends before its big request.
+    assert len(sizes) == 3 and "ignored a 1" in sizes[0]
 
 
 async def test_an_oversized_transcript_reaches_the_model_newest_first(

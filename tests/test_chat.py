@@ -26,7 +26,7 @@ from rich.text import Text
 from websockets.asyncio.server import ServerConnection, serve
 
 from callbrain.agent import Agent
-from callbrain.call_control import CallControl
+from callbrain.call.control import CallControl
 from callbrain.llm import OpenAIConfig
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_agent
 from callbrain.testing.chat import ChatCall, ConsoleOutput

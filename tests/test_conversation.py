@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from callbrain.conversation import (
+from callbrain.call.conversation import (
     ToolExchange,
     build_chat_request,
     render_template,
@@ -10,7 +10,7 @@ from callbrain.conversation import (
     woven_to_messages,
 )
 from callbrain.llm.chat import Message, ToolCall, ToolOutput, ToolSpec
-from callbrain.protocol import Utterance
+from callbrain.retell.frames import Utterance
 
 
 def utt(role: str, content: str) -> Utterance:

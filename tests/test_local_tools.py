@@ -31,7 +31,8 @@ from callbrain.llm import (
     ToolSpec,
     Usage,
 )
-from callbrain.llm.local import LocalLLM, _drop_oldest_half
+from callbrain.llm.chat import keep_newest
+from callbrain.llm.local import LocalLLM
 
 # Every tag trims the whitespace before it, so only the quoted text is output.
 HERMES_TEMPLATE = r"""
@@ -230,8 +231,9 @@ def test_dropping_old_turns_never_leaves_an_output_without_its_call() -> None:
     output = ToolOutput("c1", "end_call", "ok")
     later = (Message("user", "Hello?"), Message("assistant", "Hi."))
 
-    assert _drop_oldest_half((Message("user", "Hi"), call, output, *later)) == later
-    assert _drop_oldest_half((call, output, output)) == ()
+    conversation = (Message("user", "Hi"), call, output, *later)
+    assert tuple(keep_newest(conversation, len(conversation) // 2)) == later
+    assert keep_newest((call, output, output), 1) == []
 
 
 # --- the shipped model: its template cannot do tools -----------------------------

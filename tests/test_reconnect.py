@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from callbrain.agent import Agent
-from callbrain.call_control import CallControl
+from callbrain.call.control import CallControl
 from callbrain.llm.config import OpenAIConfig
-from callbrain.server import create_app
+from callbrain.server.app import create_app
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_asgi
 from callbrain.testing.serve import free_port
 from callbrain.tools import tool
@@ -164,33 +164,3 @@ async def test_an_unreachable_redis_fails_the_start_up() -> None:
         with pytest.raises(RuntimeError, match="failed to start"):
             async with serve_asgi(app):
                 pass
-
-
-async def test_the_memory_call_store_round_trips_expires_and_evicts() -> None:
-    from callbrain.call_store import CallMemory, MemoryCallStore
-    from callbrain.conversation import ToolExchange
-    from callbrain.llm.chat import ToolCall, ToolOutput
-
-    memory = CallMemory(
-        call={"call_id": "c", "retell_llm_dynamic_variables": {"name": "José"}},
-        tool_history=[
-            ToolExchange(
-                3,
-                ToolCall("t1", "book", '{"day":"tuesday"}'),
-                ToolOutput("t1", "book", "Booked.", False),
-            )
-        ],
-        interrupt_id=2,
-        agent_overrides={"responsiveness": 0.5},
-    )
-    store = MemoryCallStore(max_calls=2)
-    await store.save("c", memory)
-    assert await store.load("c") == memory
-    memory.interrupt_id = 9  # saved as it was, not as it is now
-    assert (await store.load("c")).interrupt_id == 2  # type: ignore[union-attr]
-    for call_id in ("d", "e"):
-        await store.save(call_id, CallMemory())
-    assert len(store) == 2 and await store.load("c") is None
-    expired = MemoryCallStore(ttl_s=0)
-    await expired.save("c", memory)
-    assert await expired.load("c") is None

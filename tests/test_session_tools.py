@@ -19,7 +19,7 @@ import pytest
 from support import BACKENDS, RemoteBackend, in_module_loop
 
 from callbrain.agent import Agent, RetellConfig
-from callbrain.call_control import CallControl
+from callbrain.call.control import CallControl
 from callbrain.testing.agent_server import serve_agent
 from callbrain.testing.client import RetellClient
 from callbrain.testing.fake_llm import FakeLLMServer, FakeToolCall, Reply

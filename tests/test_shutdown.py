@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from callbrain.agent import Agent
 from callbrain.llm.config import OpenAIConfig
-from callbrain.server import create_app
+from callbrain.server.app import create_app
 from callbrain.testing import FakeOpenAIServer, Reply, RetellClient, serve_asgi
 from callbrain.testing.serve import free_port
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from callbrain.agent import Agent
 from callbrain.llm.config import OpenAIConfig
-from callbrain.server import create_app
+from callbrain.server.app import create_app
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_asgi
 from callbrain.tools import ToolContext, tool
 

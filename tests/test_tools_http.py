@@ -17,10 +17,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from tool_samples import make_context
 
+from callbrain.signing import sign_tool_request, verify_tool_request
 from callbrain.testing import serve_asgi
 from callbrain.tools.arguments import ArgumentsError
 from callbrain.tools.base import ToolError, result_text
-from callbrain.tools.http import HttpTool, sign, verify_signature
+from callbrain.tools.http import HttpTool
 
 SECRET = "s3cret-for-tests"
 
@@ -139,20 +140,20 @@ async def test_the_signature_verifies_by_the_documented_scheme(
     signed = fields["t"].encode() + b"." + received.body
     expected = hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(fields["v1"], expected)
-    assert verify_signature(SECRET, received.body, header)
+    assert verify_tool_request(SECRET, received.body, header)
 
 
 def test_verify_signature_rejects_forgeries() -> None:
     body = b'{"party":2}'
-    header = sign(SECRET, 1_700_000_000_000, body)
+    header = sign_tool_request(SECRET, body, 1_700_000_000_000)
     now = 1_700_000_060_000  # a minute later
 
-    assert verify_signature(SECRET, body, header, now_ms=now)
-    assert not verify_signature("other-secret", body, header, now_ms=now)
-    assert not verify_signature(SECRET, b'{"party":20}', header, now_ms=now)
-    assert not verify_signature(SECRET, body, header, now_ms=now + 10 * 60_000)  # replayed
-    assert not verify_signature(SECRET, body, "v1=abc", now_ms=now)
-    assert not verify_signature(SECRET, body, "t=soon,v1=abc", now_ms=now)
+    assert verify_tool_request(SECRET, body, header, now_ms=now)
+    assert not verify_tool_request("other-secret", body, header, now_ms=now)
+    assert not verify_tool_request(SECRET, b'{"party":20}', header, now_ms=now)
+    assert not verify_tool_request(SECRET, body, header, now_ms=now + 10 * 60_000)  # replayed
+    assert not verify_tool_request(SECRET, body, "v1=abc", now_ms=now)
+    assert not verify_tool_request(SECRET, body, "t=soon,v1=abc", now_ms=now)
 
 
 async def test_non_2xx_is_a_tool_error_with_an_excerpt(

@@ -6,11 +6,13 @@ import asyncio
 
 from tool_samples import RecordingSink
 
-from callbrain.call_control import CallControl, TurnActions
+from callbrain.call.control import CallControl
 from callbrain.llm.chat import ToolCall
-from callbrain.protocol import ToolCallInvocationFrame, ToolCallResultFrame
+from callbrain.retell.actions import TurnActions
+from callbrain.retell.frames import ToolCallInvocationFrame, ToolCallResultFrame
+from callbrain.stores import GuardedStore, MemoryStore
 from callbrain.tools import (
-    MemoryIdempotencyStore,
+    ResultStore,
     StoredResult,
     Toolbox,
     ToolError,
@@ -21,15 +23,19 @@ from callbrain.tools import (
 from callbrain.tools.idempotency import idempotency_key
 
 
+def results() -> ResultStore:
+    return ResultStore(GuardedStore(MemoryStore(), ttl_s=60))
+
+
 def make_runner(
-    *tools: object, store: MemoryIdempotencyStore | None = None
+    *tools: object, store: ResultStore | None = None
 ) -> tuple[ToolRunner, RecordingSink, list[tuple[ToolRun, int]]]:
     sink = RecordingSink()
     recorded: list[tuple[ToolRun, int]] = []
     runner = ToolRunner(
         toolbox=Toolbox(
             {t.name: t for t in tools},  # type: ignore[attr-defined]
-            store if store is not None else MemoryIdempotencyStore(),
+            store if store is not None else results(),
         ),
         control=CallControl("call-1", sink, {}, lambda: None),
         send=sink.send_frame,
@@ -70,7 +76,7 @@ async def test_a_stored_result_answers_without_running_and_failures_are_not_stor
             raise ToolError("calendar busy")
         return f"booked {slot}"
 
-    store = MemoryIdempotencyStore()
+    store = results()
     runner, _, _ = make_runner(book, store=store)
     [failed] = await runner.run_all([ToolCall("a", "book", '{"slot":"9"}')], TurnActions(), 0)
     [booked] = await runner.run_all([ToolCall("b", "book", '{"slot":"9"}')], TurnActions(), 0)
@@ -88,13 +94,3 @@ async def test_idempotency_keys_ignore_key_order_but_not_values_or_calls() -> No
     assert key != idempotency_key("c1", "book", {"a": 2, "b": "x"})
     assert key != idempotency_key("c2", "book", {"a": 1, "b": "x"})
     assert key != idempotency_key("c1", "cancel", {"a": 1, "b": "x"})
-
-
-async def test_the_memory_store_expires_and_evicts() -> None:
-    store = MemoryIdempotencyStore(ttl_s=0, max_entries=2)
-    await store.put("k", StoredResult("x", True))
-    assert await store.get("k") is None  # expired at once
-    store = MemoryIdempotencyStore(max_entries=2)
-    for key in ("a", "b", "c"):
-        await store.put(key, StoredResult(key, True))
-    assert len(store) == 2 and await store.get("a") is None and await store.get("c") is not None

@@ -28,8 +28,9 @@ from starlette.types import ASGIApp
 from callbrain import create_app
 from callbrain.agent import Agent, AgentConfigError
 from callbrain.logs import call_id_var
+from callbrain.server.webhooks import WebhookEvent, webhook_endpoint
+from callbrain.signing import verify_retell_webhook
 from callbrain.testing.serve import serve_asgi
-from callbrain.webhooks import WebhookEvent, verify_signature, webhook_endpoint
 
 sdk_sign: Callable[..., str] = symmetric["sign"]
 sdk_verify: Callable[..., bool] = symmetric["verify"]
@@ -186,11 +187,11 @@ async def test_the_handler_can_come_from_the_agent_file(caplog: pytest.LogCaptur
 async def test_without_a_handler_verified_events_are_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="callbrain.webhooks")
+    caplog.set_level(logging.INFO, logger="callbrain.server.webhooks")
     async with client_for(create_app(agent_with(api_key=KEY))) as client:
         response = await post(client, BODY, sdk_sign(BODY, KEY))
     assert response.status_code == 204
-    [line] = [r.getMessage() for r in caplog.records if r.name == "callbrain.webhooks"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "callbrain.server.webhooks"]
     assert "call_ended" in line and "call_7f3e" in line
 
 
@@ -236,18 +237,18 @@ def samples(now: int) -> list[tuple[str, str, str, bool]]:
     ]
 
 
-def test_verify_signature_agrees_with_the_sdk() -> None:
+def test_verify_retell_webhook_agrees_with_the_sdk() -> None:
     now = now_ms()
     for body, header, key, valid in samples(now):
-        ours = verify_signature(body.encode(), header, key, now_ms=now)
+        ours = verify_retell_webhook(key, body.encode(), header, now_ms=now)
         theirs = sdk_verify(body, key, header, {"timestamp": now})
         assert ours is theirs is valid, (body[:20], header)
 
 
-def test_verify_signature_uses_the_clock_and_the_tolerance() -> None:
+def test_verify_retell_webhook_uses_the_clock_and_the_tolerance() -> None:
     old = sdk_sign(BODY, KEY, timestamp=now_ms() - 2 * MINUTE_MS)
-    assert verify_signature(BODY.encode(), old, KEY)
-    assert not verify_signature(BODY.encode(), old, KEY, tolerance_s=60)
+    assert verify_retell_webhook(KEY, BODY.encode(), old)
+    assert not verify_retell_webhook(KEY, BODY.encode(), old, tolerance_s=60)
 
 
 @pytest.mark.parametrize(
@@ -261,12 +262,14 @@ def test_verify_signature_uses_the_clock_and_the_tolerance() -> None:
     ],
 )
 def test_garbage_never_raises(header: str | None) -> None:
-    assert verify_signature(b"\xff\xfe not utf-8", header, KEY) is False
+    assert verify_retell_webhook(KEY, b"\xff\xfe not utf-8", header) is False
 
 
 def test_an_empty_key_verifies_nothing() -> None:
     now = now_ms()
-    assert not verify_signature(BODY.encode(), sdk_sign(BODY, "", timestamp=now), "", now_ms=now)
+    assert not verify_retell_webhook(
+        "", BODY.encode(), sdk_sign(BODY, "", timestamp=now), now_ms=now
+    )
 
 
 # --- Refused requests --------------------------------------------------------
@@ -312,7 +315,7 @@ async def test_bad_signatures_are_refused_with_401(
     assert response.status_code == 401
     assert response.text == "invalid signature"  # the reason is for the log only
     assert received == []
-    [line] = [r for r in caplog.records if r.name == "callbrain.webhooks"]
+    [line] = [r for r in caplog.records if r.name == "callbrain.server.webhooks"]
     assert line.levelno == logging.WARNING
     message = line.getMessage()
     assert message.startswith("webhook from 127.0.0.1 refused: ")
@@ -345,7 +348,7 @@ async def test_a_failing_handler_is_a_500_without_its_error_text(
         response = await post(client, BODY, sdk_sign(BODY, KEY))
     assert response.status_code == 500
     assert "hunter2" not in response.text and "RuntimeError" not in response.text
-    [failure] = [r for r in caplog.records if r.name == "callbrain.webhooks"]
+    [failure] = [r for r in caplog.records if r.name == "callbrain.server.webhooks"]
     assert failure.levelno == logging.ERROR and failure.exc_info is not None
     assert "hunter2" in caplog.text  # the traceback is in the log, for the operator
     assert_no_secrets_logged(caplog)

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from callbrain.call_control import CallControl
-from callbrain.protocol import OutboundFrame
+from callbrain.call.control import CallControl
+from callbrain.retell.frames import OutboundFrame
 from callbrain.tools.base import ToolContext
 from callbrain.tools.function import tool
 

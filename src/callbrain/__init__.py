@@ -8,7 +8,7 @@ what the model streams back.
 from __future__ import annotations
 
 from callbrain.agent import Agent, AgentConfigError
-from callbrain.server import create_app
+from callbrain.server.app import create_app
 
 __version__ = "0.1.0"
 __all__ = ["Agent", "AgentConfigError", "__version__", "create_app"]

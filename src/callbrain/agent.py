@@ -26,9 +26,9 @@ from pydantic import (
     model_validator,
 )
 
-from callbrain.conversation import DEFAULT_REMINDER_PROMPT
+from callbrain.errors import AgentConfigError, describe
 from callbrain.llm.config import LLMConfig, LocalConfig
-from callbrain.settings import ServerSettings
+from callbrain.server.settings import ServerSettings
 from callbrain.tools.base import Tool
 from callbrain.tools.config import ToolConfig, build_tools
 
@@ -43,8 +43,12 @@ DEFAULT_FILLER_MESSAGE = "Thanks for waiting, this is taking a little longer tha
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class AgentConfigError(ValueError):
-    """An agent definition is invalid; the message names the file and the key."""
+DEFAULT_REMINDER_PROMPT = (
+    "(The caller has been silent for a while. Check in with one short, friendly sentence, "
+    "such as asking whether they are still there. Do not answer a question nobody asked.)"
+)
+
+__all__ = ["Agent", "AgentConfigError", "RetellConfig", "example_agent_path"]
 
 
 class RetellConfig(BaseModel):
@@ -92,7 +96,7 @@ class Agent(BaseModel):
     tool_filler_message: str = DEFAULT_FILLER_MESSAGE
     retell_config: RetellConfig = Field(default_factory=RetellConfig)
     server: ServerSettings = Field(default_factory=ServerSettings)
-    """Access control, limits, webhooks and shutdown (see :mod:`callbrain.settings`)."""
+    """Access control, limits, webhooks and shutdown (see :mod:`callbrain.server.settings`)."""
     llm: LLMConfig = Field(default_factory=lambda: LocalConfig(provider="local"))
     fallback_llms: list[LLMConfig] = Field(default_factory=list)
     """Tried in order when ``llm`` (or the one before) fails before its first chunk:
@@ -101,6 +105,11 @@ class Agent(BaseModel):
     """No word from the model after this long: say ``first_token_filler_message``
     once, so the caller knows the line is alive. null for never."""
     first_token_filler_message: str = "One moment."
+    max_response_chars: int = Field(default=1500, ge=20)
+    """A response is cut (and completed) once this much has been said: about two
+    minutes of speech, so only a model that never stops reaches it."""
+    max_response_s: float = Field(default=60.0, gt=0)
+    """Likewise for time: no response streams for longer than this."""
 
     @model_validator(mode="after")
     def _details_needed(self) -> Agent:
@@ -149,21 +158,8 @@ class Agent(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            lines = [
-                f"  {_location(err['loc'])}: {err['msg']}"
-                for err in exc.errors(include_url=False)
-                # A tools entry may also be a Python Tool object; a file never holds one.
-                if not any(str(part).startswith("is-instance[") for part in err["loc"])
-            ]
-            raise AgentConfigError(
-                f"{source}: invalid agent definition\n" + "\n".join(lines)
-            ) from None
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    """``tools.0.number``, without pydantic's union bookkeeping in between."""
-    parts = [str(p) for p in loc if not str(p).startswith(("tagged-union[", "is-instance["))]
-    return ".".join(parts) or "<top>"
+            lines = describe(exc, cls, limit=None, sep="\n  ")
+            raise AgentConfigError(f"{source}: invalid agent definition\n  {lines}") from None
 
 
 def example_agent_path() -> Path:

@@ -10,14 +10,14 @@ from typing import Annotated, NoReturn
 
 import orjson
 import typer
-import uvicorn
 from rich.console import Console
 
 from callbrain import __version__
-from callbrain.agent import Agent, AgentConfigError, example_agent_path
+from callbrain.agent import Agent, example_agent_path
+from callbrain.errors import AgentConfigError
 from callbrain.logs import configure_logging
-from callbrain.server import DEFAULT_PREFIX, create_app
-from callbrain.serving import CallbrainServer
+from callbrain.server.app import DEFAULT_PREFIX, create_app
+from callbrain.server.process import CallbrainServer, uvicorn_config
 from callbrain.testing.chat_terminal import chat_command
 from callbrain.testing.fake_llm.command import fake_llm
 
@@ -93,23 +93,7 @@ def serve(
     # of `callbrain bench`). Frozen, they are never walked again.
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(
-        application,
-        host=host,
-        port=port,
-        log_config=None,
-        ws="websockets-sansio",
-        # Frames are a few words of JSON: compressing each costs more CPU than the
-        # bytes are worth. Declining the extension is always compatible.
-        ws_per_message_deflate=False,
-        # Whose X-Forwarded-For to believe is the access settings' call
-        # (trusted_proxies); uvicorn's default would trust 127.0.0.1's.
-        proxy_headers=False,
-        # The hard cap, where uvicorn closes the socket (1009): far above the soft
-        # cap, max_frame_bytes, at which the session ignores a frame and goes on.
-        ws_max_size=max(16 * 2**20, 4 * definition.server.access.max_frame_bytes),
-        lifespan="on",
-    )
+    config = uvicorn_config(application, host=host, port=port, settings=definition.server)
     settings = definition.server
     server = CallbrainServer(
         config,

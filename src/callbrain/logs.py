@@ -1,8 +1,17 @@
-"""Structured logs where every line says which call it belongs to.
+"""Structured logs where every line says which call it belongs to, and none
+shows a secret.
 
 The call id lives in a context variable set when a socket opens; asyncio tasks
 copy the context when they are created, so every turn task, provider stream and
 log line of that call carries it without being passed around.
+
+uvicorn logs each WebSocket handshake as ``"WebSocket <path>" 403`` with the
+raw path and query, which may hold the socket secret. :class:`RedactingFilter`
+on its logger shows the access guard's redacted path instead (set per
+connection in :data:`handshake_line_var`), drops the line for a refusal over
+the rate limit, and masks any registered secret in any of its lines as a safety
+net (the websockets library's debug lines include the path before the guard
+has run).
 """
 
 from __future__ import annotations
@@ -11,8 +20,11 @@ import contextvars
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 import orjson
+
+REDACTED = "<redacted>"
 
 call_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
 
@@ -56,3 +68,64 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeLine:
+    """How uvicorn's line for this connection's handshake should read."""
+
+    path: str
+    """The request path with any secret replaced by :data:`REDACTED`."""
+    quiet: bool
+    """Drop the line (a refusal over the per-address rate limit)."""
+
+
+handshake_line_var: contextvars.ContextVar[HandshakeLine | None] = contextvars.ContextVar(
+    "callbrain_handshake_line", default=None
+)
+"""Set by the access guard in the connection's own task, which is where uvicorn
+logs the handshake outcome (inside the app's send of accept or close)."""
+
+
+class RedactingFilter(logging.Filter):
+    """See the module docstring; installed on ``uvicorn.error`` by :func:`redact_secret`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple):
+            return True
+        shown = handshake_line_var.get()
+        if (
+            shown is not None
+            and len(args) >= 2
+            and isinstance(record.msg, str)
+            and '"WebSocket %s"' in record.msg
+        ):
+            if shown.quiet:
+                return False
+            args = (args[0], shown.path, *args[2:])
+        if self.secrets:
+            args = tuple(self._mask(a) if isinstance(a, str) else a for a in args)
+            if isinstance(record.msg, str):
+                record.msg = self._mask(record.msg)
+        record.args = args
+        return True
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+_REDACTING_FILTER = RedactingFilter()
+
+
+def redact_secret(secret: str) -> None:
+    """Mask ``secret`` in uvicorn's log lines from now on (and install the filter)."""
+    _REDACTING_FILTER.secrets.add(secret)
+    logging.getLogger("uvicorn.error").addFilter(_REDACTING_FILTER)  # idempotent

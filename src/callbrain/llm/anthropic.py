@@ -49,7 +49,7 @@ from anthropic.types import Usage as AnthropicUsage
 from callbrain.llm.base import (
     LLM,
     LLMError,
-    resolve_api_key,
+    client_options,
     retryable_status,
 )
 from callbrain.llm.chat import (
@@ -83,18 +83,13 @@ class AnthropicLLM(LLM):
             idle_timeout=config.idle_timeout_s,
         )
         self.config = config
-        # One client per LLM, so every call of an agent reuses its connection pool.
-        # None lets the SDK fall back to ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL itself.
         self._client = anthropic.AsyncAnthropic(
-            api_key=resolve_api_key(
+            **client_options(
+                config,
                 provider="anthropic",
-                configured=config.api_key,
                 key_envs=("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
-                base_url=config.base_url,
                 base_url_env="ANTHROPIC_BASE_URL",
-            ),
-            base_url=config.base_url or None,
-            max_retries=config.max_retries,
+            )
         )
 
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:

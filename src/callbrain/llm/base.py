@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 from callbrain.llm.chat import ChatChunk, ChatRequest, TextDelta, ToolCall, Usage
 
@@ -91,6 +91,36 @@ def resolve_api_key(
     )
 
 
+class RemoteConfig(Protocol):
+    """What the hosted providers' configs share (see :mod:`callbrain.llm.config`)."""
+
+    api_key: str | None
+    base_url: str | None
+    max_retries: int
+
+
+def client_options(
+    config: RemoteConfig, *, provider: str, key_envs: tuple[str, ...], base_url_env: str
+) -> dict[str, Any]:
+    """The keyword arguments for a provider SDK's async client: the key (or None,
+    for the SDK's own variable), the base URL and the retry count.
+
+    One client per LLM object, so every call of an agent reuses its connection
+    pool.
+    """
+    return {
+        "api_key": resolve_api_key(
+            provider=provider,
+            configured=config.api_key,
+            key_envs=key_envs,
+            base_url=config.base_url,
+            base_url_env=base_url_env,
+        ),
+        "base_url": config.base_url or None,
+        "max_retries": config.max_retries,
+    }
+
+
 class LLMTimeoutError(LLMError):
     """The provider missed its first-token or inter-chunk deadline."""
 
@@ -112,6 +142,8 @@ class StreamMetrics:
     tool_calls: int = 0
     usage: Usage | None = None
     outcome: str = "open"
+    failovers: list[str] = field(default_factory=list)
+    """``provider/model: reason`` for each provider that failed before the one that answered."""
 
 
 class LLM(ABC):
@@ -143,6 +175,13 @@ class LLM(ABC):
     def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Backend hook: an async generator of neutral chunks (see module docstring)."""
 
+    def _chunks(
+        self, request: ChatRequest, metrics: StreamMetrics
+    ) -> AsyncGenerator[ChatChunk, None]:
+        """The generator a stream reads; a backend that reports more than chunks
+        (the failover: who answered, who failed first) overrides this one."""
+        return self._generate(request)
+
     async def warmup(self, request: ChatRequest | None = None) -> None:  # noqa: B027 (optional hook)
         """Load whatever is slow to load before the first call.
 
@@ -164,8 +203,8 @@ class LLMStream:
 
     def __init__(self, llm: LLM, request: ChatRequest) -> None:
         self._llm = llm
-        self._gen = llm._generate(request)
         self.metrics = StreamMetrics(provider=llm.provider, model=llm.model)
+        self._gen = llm._chunks(request, self.metrics)
 
     def __aiter__(self) -> LLMStream:
         return self
@@ -218,7 +257,8 @@ class LLMStream:
             return
         m.outcome = outcome
         m.duration_s = time.perf_counter() - m.started
-        logger.info(
+        # Debug: one line per model request is too costly at a thousand calls.
+        logger.debug(
             "llm %s model=%s outcome=%s ttft_ms=%s duration_ms=%.0f chunks=%d chars=%d%s%s",
             m.provider,
             m.model,

@@ -5,7 +5,7 @@ The conversation holds two kinds of items: :class:`Message` (a user or assistant
 turn; an assistant turn may carry :class:`ToolCall` s) and :class:`ToolOutput`
 (what one of those calls returned).
 
-Invariant every backend may rely on (``callbrain.conversation`` guarantees it):
+Invariant every backend may rely on (``callbrain.call.conversation`` guarantees it):
 an assistant message with tool calls is immediately followed by one
 :class:`ToolOutput` per call, in the same order, and every output follows its
 call. Providers reject conversations that break it (OpenAI: a call without a
@@ -18,6 +18,7 @@ writes, a complete :class:`ToolCall` once its arguments have fully arrived, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,6 +93,16 @@ class Usage:
 
 
 ChatChunk = TextDelta | ToolCall | Usage
+
+
+def keep_newest(items: Sequence[ChatItem], count: int) -> list[ChatItem]:
+    """The newest ``count`` items of a conversation, less any tool output at the
+    front whose call was left out (an output without its call breaks every
+    provider's rules). The one way a conversation is shortened."""
+    kept = list(items[-count:]) if count > 0 else []
+    while kept and isinstance(kept[0], ToolOutput):
+        kept.pop(0)
+    return kept
 
 
 class ToolCallAssembler:

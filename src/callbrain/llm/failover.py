@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from callbrain.llm.base import LLM, LLMError
+from callbrain.llm.base import LLM, LLMError, StreamMetrics
 from callbrain.llm.chat import ChatChunk, ChatRequest, Message
 
 logger = logging.getLogger("callbrain.llm")
@@ -74,7 +74,19 @@ class FailoverLLM(LLM):
         healthy = [llm for llm in self.llms if not self._health[id(llm)].out]
         return healthy or list(self.llms)
 
-    async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
+    def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
+        return self._failover(request, StreamMetrics(self.provider, self.model))
+
+    def _chunks(
+        self, request: ChatRequest, metrics: StreamMetrics
+    ) -> AsyncGenerator[ChatChunk, None]:
+        return self._failover(request, metrics)
+
+    async def _failover(
+        self, request: ChatRequest, metrics: StreamMetrics
+    ) -> AsyncGenerator[ChatChunk, None]:
+        """The first answer in rotation; ``metrics`` learns who answered and who
+        failed before."""
         failures: list[str] = []
         for llm in self.rotation():
             stream = llm.chat(request)
@@ -90,11 +102,13 @@ class FailoverLLM(LLM):
                     raise
                 self._failed(llm, exc)
                 failures.append(str(exc))
+                metrics.failovers.append(f"{llm.provider}/{llm.model}: {exc}")
                 continue
             except BaseException:
                 await stream.aclose()
                 raise
             self._succeeded(llm)
+            metrics.provider, metrics.model = llm.provider, llm.model
             # Committed: from here a failure is the turn's, never another provider's.
             async with stream:
                 yield first

@@ -28,7 +28,7 @@ import openai
 from callbrain.llm.base import (
     LLM,
     LLMError,
-    resolve_api_key,
+    client_options,
     retryable_status,
 )
 from callbrain.llm.chat import ChatChunk, ChatRequest
@@ -50,18 +50,13 @@ class OpenAILLM(LLM):
             idle_timeout=config.idle_timeout_s,
         )
         self.config = config
-        # One client per LLM, so every call of an agent reuses its connection pool.
-        # None lets the SDK fall back to OPENAI_API_KEY / OPENAI_BASE_URL itself.
         self._client = openai.AsyncOpenAI(
-            api_key=resolve_api_key(
+            **client_options(
+                config,
                 provider="openai",
-                configured=config.api_key,
                 key_envs=("OPENAI_API_KEY",),
-                base_url=config.base_url,
                 base_url_env="OPENAI_BASE_URL",
-            ),
-            base_url=config.base_url or None,
-            max_retries=config.max_retries,
+            )
         )
 
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:

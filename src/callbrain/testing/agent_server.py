@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from callbrain.agent import Agent
-from callbrain.call_control import CallHook
+from callbrain.call.control import CallHook
 from callbrain.llm.base import LLM
-from callbrain.server import DEFAULT_PREFIX, create_app
+from callbrain.server.app import DEFAULT_PREFIX, create_app
 from callbrain.testing.serve import serve_asgi
 
 
@@ -26,5 +26,5 @@ async def serve_agent(
     pass it to :meth:`callbrain.testing.RetellClient.connect`.
     """
     app = create_app(agent, prefix=prefix, llm=llm, on_call_start=on_call_start)
-    async with serve_asgi(app) as http_url:
+    async with serve_asgi(app, settings=agent.server) as http_url:
         yield "ws" + http_url.removeprefix("http") + "/" + prefix.strip("/")

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from callbrain.server import DEFAULT_PREFIX
+from callbrain.server.app import DEFAULT_PREFIX
 from callbrain.testing.bench import LoadOptions, LoadReport, run_load
 from callbrain.testing.serve import free_port
 

@@ -26,7 +26,7 @@ from typing import Any, TypeGuard
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from callbrain.protocol import (
+from callbrain.retell.frames import (
     AgentInterruptFrame,
     ConfigFrame,
     MetadataFrame,

@@ -17,6 +17,9 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from callbrain.server.process import uvicorn_config
+from callbrain.server.settings import ServerSettings
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now, for a server started as a process
@@ -32,9 +35,14 @@ async def serve_asgi(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    settings: ServerSettings | None = None,
     **uvicorn_options: Any,
 ) -> AsyncIterator[str]:
-    """Serve ``app`` until the block exits; yields its base URL, ``http://host:port``."""
+    """Serve ``app`` until the block exits; yields its base URL, ``http://host:port``.
+
+    uvicorn runs with the settings ``callbrain serve`` uses
+    (:func:`~callbrain.server.process.uvicorn_config`), quieter and quicker to stop.
+    """
     # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on
     # sockets whose proto says TCP. Without it each streamed chunk on a reused
     # keep-alive connection waited ~40 ms for the client's delayed ACK.
@@ -44,13 +52,11 @@ async def serve_asgi(
     bound_port = sock.getsockname()[1]
     options: dict[str, Any] = {
         "log_level": "warning",
-        "lifespan": "on",
         "timeout_graceful_shutdown": 2,
-        "ws": "websockets-sansio",
-        "ws_per_message_deflate": False,  # as `callbrain serve` runs
         **uvicorn_options,
     }
-    server = uvicorn.Server(uvicorn.Config(app, **options))
+    config = uvicorn_config(app, host=host, port=bound_port, settings=settings, **options)
+    server = uvicorn.Server(config)
     # serve() takes over SIGINT/SIGTERM while it runs; a helper embedded in
     # someone else's process (a test run, a bench) must leave them alone.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

@@ -28,12 +28,7 @@ from callbrain.tools.builtin import EndCallTool, PressDigitTool, TransferCallToo
 from callbrain.tools.config import ToolConfig, build_tool, build_tools
 from callbrain.tools.function import FunctionTool, tool
 from callbrain.tools.http import HttpTool
-from callbrain.tools.idempotency import (
-    IdempotencyStore,
-    MemoryIdempotencyStore,
-    StoredResult,
-    idempotency_key,
-)
+from callbrain.tools.idempotency import ResultStore, StoredResult, idempotency_key
 from callbrain.tools.runner import Toolbox, ToolRun, ToolRunner
 
 __all__ = [
@@ -41,9 +36,8 @@ __all__ = [
     "EndCallTool",
     "FunctionTool",
     "HttpTool",
-    "IdempotencyStore",
-    "MemoryIdempotencyStore",
     "PressDigitTool",
+    "ResultStore",
     "StoredResult",
     "Tool",
     "ToolConfig",

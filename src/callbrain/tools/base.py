@@ -20,8 +20,9 @@ from typing import Any
 
 import orjson
 
-from callbrain.call_control import Action, CallControl, TurnActions
+from callbrain.call.control import CallControl
 from callbrain.llm.chat import ToolSpec
+from callbrain.retell.actions import Action, TurnActions
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """What OpenAI and Anthropic both accept as a tool name."""
@@ -56,14 +57,17 @@ class ToolContext:
 
     def end_call(self, message: str = "") -> None:
         """Hang up once this turn's content, ending with ``message``, has been spoken."""
-        self.turn.request(Action("end_call", message=message))
+        self.request_action(Action("end_call", message=message))
 
     def transfer(
         self, number: str, *, message: str = "", show_transferee_as_caller: bool = False
     ) -> None:
-        """Cold-transfer to ``number`` (E.164) once this turn, ending with ``message``,
-        has been spoken."""
-        self.turn.request(
+        """Cold-transfer to ``number`` (E.164, a str such as ``"+14155550100"``) once
+        this turn, ending with ``message``, has been spoken.
+
+        Raises ValueError at once for a number that is not E.164 (an int, say).
+        """
+        self.request_action(
             Action(
                 "transfer",
                 message=message,
@@ -73,8 +77,13 @@ class ToolContext:
         )
 
     def press_digit(self, digits: str, *, message: str = "") -> None:
-        """Send DTMF ``digits`` once this turn, ending with ``message``, has been spoken."""
-        self.turn.request(Action("press_digit", message=message, digits=digits))
+        """Send DTMF ``digits`` (a str of 0-9, * and #) once this turn, ending with
+        ``message``, has been spoken. Raises ValueError at once for anything else."""
+        self.request_action(Action("press_digit", message=message, digits=digits))
+
+    def request_action(self, action: Action) -> None:
+        """Ask for ``action`` after this turn (the highest-ranked of several wins)."""
+        self.turn.request(action, by=self.tool_call_id)
 
     def no_interruption(self) -> None:
         """The rest of this turn cannot be interrupted by the caller."""

@@ -1,6 +1,6 @@
 """The call-control tools every phone agent needs: hang up, transfer, press digits.
 
-Each one asks the turn for a Retell action (see :mod:`callbrain.call_control`);
+Each one asks the turn for a Retell action (see :mod:`callbrain.call.control`);
 the action then rides on the turn's final frame, together with the line the
 agent speaks first. They are *instant* (no holding line) and the model may give
 the line itself through the optional ``message`` argument; otherwise the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from callbrain.call_control import Action
+from callbrain.retell.actions import DIGITS, Action
 from callbrain.tools.base import Tool, ToolContext
 
 _MESSAGE = {
@@ -65,7 +65,7 @@ class EndCallTool(_ActionTool):
         super().__init__(name=name, description=description, message=message)
 
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
-        context.turn.request(
+        context.request_action(
             Action("end_call", message=_message(arguments), default_message=self.message)
         )
         return "The call will end after your goodbye."
@@ -92,7 +92,7 @@ class TransferCallTool(_ActionTool):
         it cannot be interrupted (Retell's advice for transfers)."""
 
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
-        context.turn.request(
+        context.request_action(
             Action(
                 "transfer",
                 message=_message(arguments),
@@ -121,7 +121,7 @@ class PressDigitTool(_ActionTool):
     ) -> None:
         digits = {
             "type": "string",
-            "pattern": "^[0-9*#]{1,32}$",
+            "pattern": DIGITS.pattern,
             "description": "The keys to press, in order: digits, * or #.",
         }
         super().__init__(
@@ -134,7 +134,7 @@ class PressDigitTool(_ActionTool):
 
     async def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
         digits = str(arguments["digits"])
-        context.turn.request(
+        context.request_action(
             Action(
                 "press_digit",
                 message=_message(arguments),

@@ -28,10 +28,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from callbrain.retell.actions import E164
 from callbrain.tools.base import Tool
 from callbrain.tools.builtin import EndCallTool, PressDigitTool, TransferCallTool
-
-E164 = r"^\+[1-9][0-9]{6,14}$"
 
 
 class _Settings(BaseModel):
@@ -91,7 +90,7 @@ class TransferCallConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["transfer_call"]
-    number: str = Field(pattern=E164)
+    number: str = Field(pattern=E164.pattern)
     """E.164, e.g. ``+14155550100`` (Retell transfers to Retell or imported numbers only)."""
     name: str = "transfer_call"
     description: str | None = None

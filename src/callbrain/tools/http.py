@@ -20,7 +20,7 @@ verify: recompute it over the body exactly as received (before any JSON
 parsing), compare with ``hmac.compare_digest`` (a plain ``==`` leaks, through
 timing, how much of a forged signature is right), and reject a ``t`` more than a
 few minutes from your clock, which stops a captured request being replayed
-later. :func:`verify_signature` does all three. A signature rather than the
+later. :func:`callbrain.signing.verify_tool_request` does all three. A signature rather than the
 secret itself in a header: the secret never travels, so a proxy or a request
 log that sees the headers learns nothing it can reuse.
 
@@ -32,16 +32,14 @@ connection failure becomes a :class:`ToolError` worded for the model.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import httpx2
 import orjson
 
+from callbrain.signing import sign_tool_request
 from callbrain.tools.base import DEFAULT_TIMEOUT_S, Tool, ToolContext, ToolError
 
 logger = logging.getLogger("callbrain.tools")
@@ -52,37 +50,6 @@ TOOL_CALL_ID_HEADER = "X-Callbrain-Tool-Call-Id"
 DEFAULT_MAX_RESULT_CHARS = 4000
 """About a thousand tokens: plenty for "booked for 7pm, confirmation 8841"."""
 _EXCERPT_CHARS = 300
-
-
-def sign(secret: str, timestamp_ms: int, body: bytes) -> str:
-    """The ``X-Callbrain-Signature`` value for ``body`` sent at ``timestamp_ms``."""
-    digest = hmac.new(secret.encode(), f"{timestamp_ms}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp_ms},v1={digest.hexdigest()}"
-
-
-def verify_signature(
-    secret: str,
-    body: bytes,
-    header: str,
-    *,
-    tolerance_s: float = 300,
-    now_ms: int | None = None,
-) -> bool:
-    """True if ``header`` signs ``body`` with ``secret`` and is recent enough.
-
-    For receivers written in Python; see the module docstring for the scheme.
-    """
-    fields = dict(part.strip().split("=", 1) for part in header.split(",") if "=" in part)
-    try:
-        timestamp_ms = int(fields["t"])
-        received = fields["v1"]
-    except (KeyError, ValueError):
-        return False
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    if abs(now_ms - timestamp_ms) > tolerance_s * 1000:
-        return False
-    expected = sign(secret, timestamp_ms, body).partition(",v1=")[2]
-    return hmac.compare_digest(expected, received)
 
 
 class HttpTool(Tool):
@@ -144,7 +111,7 @@ class HttpTool(Tool):
         headers[CALL_ID_HEADER] = context.call_id
         headers[TOOL_CALL_ID_HEADER] = context.tool_call_id
         if self.secret is not None:
-            headers[SIGNATURE_HEADER] = sign(self.secret, int(time.time() * 1000), body)
+            headers[SIGNATURE_HEADER] = sign_tool_request(self.secret, body)
         try:
             async with self._http().stream(
                 "POST",

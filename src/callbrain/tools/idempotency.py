@@ -7,9 +7,8 @@ turn. A booking tool must not book twice. Retell's docs say the only real fix
 is an idempotency key made from the call id and the tool's arguments, so that is
 what :func:`idempotency_key` builds; a repeat gets the stored result.
 
-The store is an interface because a call can move between processes (a
-reconnect may land on another instance behind a load balancer): in memory here,
-a shared store later.
+Results live in the server's store (:mod:`callbrain.stores`), in this process
+or in Redis, so a reconnect that lands on another instance finds them too.
 """
 
 from __future__ import annotations
@@ -17,11 +16,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from callbrain.expiring import ExpiringDict
+from callbrain.stores.guard import GuardedStore
+
+_RESULT = "result:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +32,13 @@ class StoredResult:
     content: str
     successful: bool
 
+    def to_json(self) -> bytes:
+        return orjson.dumps({"content": self.content, "successful": self.successful})
 
-class IdempotencyStore(Protocol):
-    """Where results of side-effecting tools are kept, by :func:`idempotency_key`."""
-
-    async def get(self, key: str) -> StoredResult | None: ...
-
-    async def put(self, key: str, result: StoredResult) -> None: ...
+    @classmethod
+    def from_json(cls, data: bytes) -> StoredResult:
+        raw = orjson.loads(data)
+        return cls(content=str(raw["content"]), successful=bool(raw["successful"]))
 
 
 def idempotency_key(call_id: str, tool: str, arguments: Mapping[str, Any]) -> str:
@@ -46,24 +47,24 @@ def idempotency_key(call_id: str, tool: str, arguments: Mapping[str, Any]) -> st
     return f"{call_id}:{tool}:{hashlib.sha256(canonical).hexdigest()}"
 
 
-class MemoryIdempotencyStore:
-    """A bounded, expiring in-process store, shared by the calls of one server.
+class ResultStore:
+    """Side-effecting tools' results by :func:`idempotency_key`, in the guarded store.
 
-    Entries outlive the call by ``ttl_s`` (a reconnect can come after the
-    socket is gone) and the oldest are evicted past ``max_entries``, so a
-    long-running server does not grow without bound.
+    A failing store answers "nothing stored" and "not written" (see
+    :mod:`callbrain.stores.guard`); the runner still has the call's own history.
     """
 
-    def __init__(self, *, ttl_s: float = 6 * 3600, max_entries: int = 100_000) -> None:
-        self._entries: ExpiringDict[StoredResult] = ExpiringDict(
-            ttl_s=ttl_s, max_entries=max_entries
-        )
+    def __init__(self, store: GuardedStore) -> None:
+        self.store = store
 
     async def get(self, key: str) -> StoredResult | None:
-        return self._entries.get(key)
+        data = await self.store.get(_RESULT + key)
+        if data is None:
+            return None
+        try:
+            return StoredResult.from_json(data)
+        except (ValueError, KeyError, TypeError):
+            return None  # written by something else under our prefix: not ours to trust
 
-    async def put(self, key: str, result: StoredResult) -> None:
-        self._entries.put(key, result)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    async def put(self, key: str, result: StoredResult) -> bool:
+        return await self.store.set(_RESULT + key, result.to_json())

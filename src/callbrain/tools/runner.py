@@ -14,6 +14,11 @@ booking half-way leaves nobody knowing whether it happened. It runs to the end
 in the background, its result is stored under its idempotency key and recorded
 in the call's history, and a newer turn that asks for the same thing waits for
 that run instead of starting a second one.
+
+The result store may fail or hang (Redis paused, say); its guard bounds and
+absorbs that (:mod:`callbrain.stores.guard`). A result that could not be
+stored is still returned to the model, reported to Retell and kept in the
+call's own history, and this call will not run the same thing again.
 """
 
 from __future__ import annotations
@@ -25,17 +30,15 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from callbrain.call_control import CallControl, TurnActions
+from callbrain.call.control import CallControl
 from callbrain.llm.chat import ToolCall, ToolOutput
-from callbrain.protocol import OutboundFrame, ToolCallInvocationFrame, ToolCallResultFrame
+from callbrain.retell.actions import TurnActions
+from callbrain.retell.frames import OutboundFrame, ToolCallInvocationFrame, ToolCallResultFrame
+from callbrain.stores.guard import GuardedStore
+from callbrain.stores.memory import MemoryStore
 from callbrain.tools.arguments import parse_arguments
 from callbrain.tools.base import Tool, ToolContext, ToolError, result_text
-from callbrain.tools.idempotency import (
-    IdempotencyStore,
-    MemoryIdempotencyStore,
-    StoredResult,
-    idempotency_key,
-)
+from callbrain.tools.idempotency import ResultStore, StoredResult, idempotency_key
 
 logger = logging.getLogger("callbrain.tools")
 
@@ -55,7 +58,9 @@ class Toolbox:
     """
 
     tools: Mapping[str, Tool]
-    store: IdempotencyStore = field(default_factory=MemoryIdempotencyStore)
+    store: ResultStore = field(
+        default_factory=lambda: ResultStore(GuardedStore(MemoryStore(), ttl_s=6 * 3600))
+    )
     inflight: dict[str, asyncio.Task[tuple[StoredResult, bool]]] = field(default_factory=dict)
 
     async def aclose(self) -> None:
@@ -73,6 +78,7 @@ class ToolRun:
     call: ToolCall
     output: ToolOutput
     replayed: bool = False
+    duration_s: float = 0.0
 
     @property
     def successful(self) -> bool:
@@ -99,6 +105,9 @@ class ToolRunner:
         self._send = send
         self._record = record
         self._mine: set[asyncio.Task[tuple[StoredResult, bool]]] = set()
+        self._done: dict[str, StoredResult] = {}
+        """This call's side-effecting results by key: the answer to a repeat even
+        when the store could not keep them."""
 
     async def run_all(
         self, calls: Sequence[ToolCall], turn: TurnActions, anchor: int
@@ -132,6 +141,9 @@ class ToolRunner:
             result = await _execute(tool, arguments, context)
             return await self._finish(call, result, anchor, started)
         key = idempotency_key(context.call_id, tool.name, arguments)
+        done = self._done.get(key)
+        if done is not None:
+            return await self._finish(call, done, anchor, started, replayed=True)
         # Joined before any await, so two calls racing for one key share one run.
         task = self._inflight.get(key)
         owner = task is None
@@ -148,7 +160,8 @@ class ToolRunner:
         # shield: a barge-in cancels the turn waiting here, not the tool.
         result, ran = await asyncio.shield(task)
         if owner and ran:
-            return _run_of(call, result)  # the run recorded and reported itself
+            # The run recorded and reported itself.
+            return _run_of(call, result, duration_s=time.perf_counter() - started)
         return await self._finish(call, result, anchor, started, replayed=True)
 
     async def _run_side_effect(
@@ -165,12 +178,18 @@ class ToolRunner:
         try:
             stored = await self._store.get(key)
             if stored is not None:
+                self._done[key] = stored
                 return stored, False
             started = time.perf_counter()
             result = await _execute(tool, arguments, context)
+            # Failures are not kept: the caller may ask to try again.
             if result.successful:
-                # Failures are not stored: the caller may ask to try again.
-                await self._store.put(key, result)
+                self._done[key] = result
+                if not await self._store.put(key, result):
+                    logger.warning(
+                        "%s: its result could not be stored (kept in this call's history)",
+                        tool.name,
+                    )
             await self._finish(call, result, anchor, started)
             return result, True
         finally:
@@ -186,7 +205,7 @@ class ToolRunner:
         replayed: bool = False,
     ) -> ToolRun:
         """Log, record in the call's history and report to Retell."""
-        run = _run_of(call, result, replayed=replayed)
+        run = _run_of(call, result, replayed=replayed, duration_s=time.perf_counter() - started)
         logger.info(
             "tool %s (%s) %s in %.0f ms%s",
             call.name,
@@ -211,10 +230,13 @@ class ToolRunner:
             await asyncio.gather(*self._mine, return_exceptions=True)
 
 
-def _run_of(call: ToolCall, result: StoredResult, *, replayed: bool = False) -> ToolRun:
+def _run_of(
+    call: ToolCall, result: StoredResult, *, replayed: bool = False, duration_s: float = 0.0
+) -> ToolRun:
     note = REPLAY_NOTE if replayed and result.successful else ""
     content = result.content + note
-    return ToolRun(call, ToolOutput(call.id, call.name, content, not result.successful), replayed)
+    output = ToolOutput(call.id, call.name, content, not result.successful)
+    return ToolRun(call, output, replayed, duration_s)
 
 
 async def _execute(tool: Tool, arguments: dict[str, Any], context: ToolContext) -> StoredResult:

@@ -19,7 +19,7 @@ import uvicorn
 from rich.console import Console
 
 from callbrain.logs import configure_logging
-from callbrain.serving import ProcessServer
+from callbrain.server.process import ProcessServer
 from callbrain.testing.fake_llm.anthropic import FakeAnthropicServer
 from callbrain.testing.fake_llm.base import FakeLLMServer
 from callbrain.testing.fake_llm.mix import DEFAULT_TEXT, ReplyMix, ReplyMixError
@@ -61,7 +61,7 @@ class _FakeLLMProcess(ProcessServer):
     The banner is printed once the socket listens (so ``--port 0`` shows the
     real port); stalled streams are aborted as shutdown begins instead of
     holding it up until the graceful timeout; and SIGINT/SIGTERM end the
-    process with status 0 (:class:`~callbrain.serving.ProcessServer`).
+    process with status 0 (:class:`~callbrain.server.process.ProcessServer`).
     """
 
     def __init__(

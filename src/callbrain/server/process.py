@@ -1,4 +1,9 @@
-"""``callbrain serve`` as a process: uvicorn, with a shutdown that suits phone calls.
+"""``callbrain serve`` as a process: uvicorn, configured once, with a shutdown
+that suits phone calls.
+
+:func:`uvicorn_config` is the one place uvicorn's settings are chosen, for
+``callbrain serve``, the loopback servers of the tests and the bench alike, so
+what is tested is what runs.
 
 Plain uvicorn, on SIGTERM, closes every WebSocket at once with 1012, and Retell
 ends a call on a close code it does not expect: every caller in progress would
@@ -30,13 +35,48 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 if TYPE_CHECKING:  # kept light: `callbrain fake-llm` runs on ProcessServer too
-    from callbrain.server import AgentRuntime
+    from callbrain.server.runtime import AgentRuntime
+    from callbrain.server.settings import ServerSettings
 
 logger = logging.getLogger("callbrain.server")
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+DEFAULT_WS_MAX_SIZE = 16 * 2**20
+
+
+def uvicorn_config(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    settings: ServerSettings | None = None,
+    **overrides: Any,
+) -> uvicorn.Config:
+    """uvicorn's configuration for callbrain's apps; ``overrides`` for the rest
+    (log level, graceful shutdown time)."""
+    max_frame = settings.access.max_frame_bytes if settings is not None else 0
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "lifespan": "on",
+        "ws": "websockets-sansio",
+        # Frames are a few words of JSON: compressing each costs more CPU than the
+        # bytes are worth. Declining the extension is always compatible.
+        "ws_per_message_deflate": False,
+        # Whose X-Forwarded-For to believe is the access settings' call
+        # (trusted_proxies); uvicorn's default would trust 127.0.0.1's.
+        "proxy_headers": False,
+        # The hard cap, where uvicorn closes the socket (1009): far above the soft
+        # cap, max_frame_bytes, at which the session ignores a frame and goes on.
+        "ws_max_size": max(DEFAULT_WS_MAX_SIZE, 4 * max_frame),
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
 
 
 class ProcessServer(uvicorn.Server):

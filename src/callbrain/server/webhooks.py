@@ -7,21 +7,11 @@ the workspace API key that has the "webhook" badge::
     X-Retell-Signature: v=<unix ms>,d=<hex HMAC-SHA256(api_key, raw_body + v)>
 
 Anyone on the internet can POST to that URL, so an unverified event is worth
-nothing; three details make the check sound:
-
-* **The raw body.** The digest covers the exact bytes Retell sent. Parsing and
-  re-serialising changes them (key order, spacing, ``"José"`` vs ``"Jos\\u00e9"``),
-  so a check on a re-serialised body refuses genuine events. Nothing is parsed
-  before the signature holds, which also keeps the JSON parser away from
-  anonymous input.
-* **Constant time.** ``==`` on strings returns at the first differing
-  character, which lets an attacker find a valid digest byte by byte by timing
-  the answers; :func:`hmac.compare_digest` takes the same time whatever differs.
-* **The replay window.** A captured request stays validly signed forever; the
-  signed timestamp limits its replay to ``tolerance_s`` either side of now
-  (Retell's SDK uses 5 minutes). Within the window a replay is still possible,
-  and Retell itself may retry, so handlers should be idempotent per
-  ``(call_id, event)``.
+nothing. The signature is checked over the raw body, in constant time, within
+a replay window (:mod:`callbrain.signing`), and nothing is parsed before it
+holds, which also keeps the JSON parser away from anonymous input. Within the
+window a replay is still possible, and Retell itself may retry, so handlers
+should be idempotent per ``(call_id, event)``.
 
 Handlers run with a timeout below Retell's 10 s webhook timeout, so Retell gets
 an answer (500: it may retry) rather than a dropped connection.
@@ -30,12 +20,8 @@ an answer (500: it may retry) rather than a dropped connection.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import inspect
 import logging
-import re
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -45,11 +31,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from callbrain.agent import Agent, AgentConfigError
+from callbrain.agent import Agent
+from callbrain.errors import AgentConfigError
 from callbrain.logs import call_id_var
+from callbrain.signing import retell_refusal
 from callbrain.tools.function import ToolReferenceError, load_callable
 
-logger = logging.getLogger("callbrain.webhooks")
+logger = logging.getLogger("callbrain.server.webhooks")
 
 SIGNATURE_HEADER = "X-Retell-Signature"
 KNOWN_EVENTS = frozenset({"call_started", "call_ended", "call_analyzed"})
@@ -58,11 +46,6 @@ MAX_BODY_BYTES = 5_000_000
 """A call_analyzed event with a long transcript is well under 1 MB."""
 HANDLER_TIMEOUT_S = 8.0
 """Below Retell's 10 s webhook timeout, so it hears our 500 instead of timing out."""
-
-# As the SDK's, but ASCII-only: \d would take other scripts' digits, which int()
-# accepts but which Retell never sends. At most 20 digits, so int() cannot fail
-# on a huge number (and any longer timestamp is out of the window anyway).
-_SIGNATURE = re.compile(r"v=([0-9]{1,20}),d=([0-9a-f]{64})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,44 +80,6 @@ class WebhookEvent:
 
 WebhookHandler: TypeAlias = Callable[[WebhookEvent], Awaitable[None] | None]
 """Called with each verified event; sync functions run in a worker thread."""
-
-
-def verify_signature(
-    raw_body: bytes,
-    header: str | None,
-    api_key: str,
-    *,
-    now_ms: int | None = None,
-    tolerance_s: float = 300,
-) -> bool:
-    """Whether ``header`` (``X-Retell-Signature``) signs ``raw_body`` with ``api_key``
-    within ``tolerance_s`` of ``now_ms`` (default: the clock). Never raises."""
-    return _refusal(raw_body, header, api_key, now_ms=now_ms, tolerance_s=tolerance_s) is None
-
-
-def _refusal(
-    raw_body: bytes, header: str | None, api_key: str, *, now_ms: int | None, tolerance_s: float
-) -> str | None:
-    """Why the signature is refused (for the log, never the client), or None if valid."""
-    if header is None:
-        return f"no {SIGNATURE_HEADER} header"
-    match = _SIGNATURE.fullmatch(header) if isinstance(header, str) else None
-    if match is None:
-        return f"malformed {SIGNATURE_HEADER} header"
-    if not api_key or not isinstance(raw_body, bytes | bytearray):
-        return "no key or no body to check"  # an empty key would let anyone sign
-    stamp = int(match.group(1))
-    now = int(time.time() * 1000) if now_ms is None else now_ms
-    skew_ms = stamp - now
-    if abs(skew_ms) > tolerance_s * 1000:  # the SDK allows exactly the tolerance too
-        side = "ahead" if skew_ms > 0 else "old"
-        return f"timestamp {abs(skew_ms) / 1000:.0f} s {side} (window {tolerance_s:g} s)"
-    # The SDK signs (body_str + str(v)) encoded as UTF-8: the same bytes as these,
-    # with str(int) dropping any leading zeros of the header's digits as it does.
-    expected = hmac.new(api_key.encode(), bytes(raw_body) + str(stamp).encode(), hashlib.sha256)
-    if not hmac.compare_digest(expected.hexdigest(), match.group(2)):
-        return "signature does not match the body"
-    return None
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -192,7 +137,7 @@ def webhook_endpoint(
             logger.warning("webhook from %s refused: body over %d bytes", client, max_body_bytes)
             return PlainTextResponse("body too large", status_code=413)
         header = request.headers.get(SIGNATURE_HEADER)
-        reason = _refusal(raw, header, api_key, now_ms=None, tolerance_s=tolerance_s)
+        reason = retell_refusal(api_key, raw, header, tolerance_s=tolerance_s)
         if reason is not None:
             logger.warning("webhook from %s refused: %s", client, reason)
             return PlainTextResponse("invalid signature", status_code=401)
@@ -256,8 +201,6 @@ def webhook_routes(agent: Agent, on_webhook: WebhookHandler | None = None) -> li
                 '"webhook" badge), or events could never be verified'
             )
         return []
-    api_key = settings.api_key.get_secret_value()
-    if not api_key:
-        raise AgentConfigError(f"{where}.api_key is empty (is its ${{ENV}} variable set?)")
+    api_key = settings.api_key.get_secret_value()  # never empty: the settings refuse that
     endpoint = webhook_endpoint(api_key, handler, tolerance_s=settings.tolerance_s)
     return [Route("/" + settings.path.strip("/"), endpoint, methods=["POST"])]

@@ -15,6 +15,12 @@ Whatever the source, the result keeps the invariant backends rely on (see
 :mod:`callbrain.llm.chat`): every tool call is immediately followed by its
 output. Calls without a result (cut short) and results without a call (their
 call trimmed away) are dropped.
+
+A conversation is shortened in two places, each through one function here:
+:func:`fit_transcript` cuts an inbound transcript to ``max_transcript_chars``
+(oldest text first), and :func:`keep_newest` keeps the newest messages (the
+agent's ``max_history_messages``, and the local model when its context is
+full).
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from callbrain.llm.chat import ChatItem, ChatRequest, Message, ToolCall, ToolOutput, ToolSpec
-from callbrain.protocol import Utterance
-
-DEFAULT_REMINDER_PROMPT = (
-    "(The caller has been silent for a while. Check in with one short, friendly sentence, "
-    "such as asking whether they are still there. Do not answer a question nobody asked.)"
+from callbrain.llm.chat import (
+    ChatItem,
+    ChatRequest,
+    Message,
+    ToolCall,
+    ToolOutput,
+    ToolSpec,
+    keep_newest,
 )
+from callbrain.retell.frames import ReminderRequired, ResponseRequired, UpdateOnly, Utterance
 
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 
@@ -152,12 +161,7 @@ def _assemble(entries: Iterable[_Entry], max_messages: int) -> list[ChatItem]:
             items[-1] = Message(role, f"{last.content} {text}")
         else:
             items.append(Message(role, text))
-    if max_messages <= 0:
-        return []
-    items = items[-max_messages:]
-    while items and isinstance(items[0], ToolOutput):
-        items.pop(0)  # its call was trimmed away
-    return items
+    return keep_newest(items, max_messages)
 
 
 def _append_call(items: list[ChatItem], call: ToolCall, output: ToolOutput) -> None:
@@ -209,3 +213,84 @@ def build_chat_request(
         else:
             messages.append(Message("user", reminder_prompt))
     return ChatRequest(system=system, messages=tuple(messages), tools=tuple(tools)), missing
+
+
+# ------------------------------------------------------------- transcript size
+
+TranscriptFrame = UpdateOnly | ResponseRequired | ReminderRequired
+
+
+def fit_transcript(frame: TranscriptFrame, limit: int) -> tuple[TranscriptFrame, str | None]:
+    """``frame`` with its transcript text cut to ``limit`` characters from the
+    oldest end, and what was cut, for the log (None when it fitted).
+
+    Utterances left out keep their place, emptied, so positions in the
+    transcript (the anchors of the call's tool history) keep counting the same;
+    the chat request skips empty utterances. A newest utterance longer than the
+    limit on its own keeps its last ``limit`` characters. Retell's woven
+    ``transcript_with_tool_calls``, which replaces the transcript in the model
+    request when turned on, loses its oldest items the same way.
+    """
+    update: dict[str, Any] = {}
+    notes: list[str] = []
+    fitted = _fit_utterances(frame.transcript, limit)
+    if fitted is not None:
+        update["transcript"], total, left_out = fitted
+        notes.append(f"transcript of {total} chars: the oldest {left_out} utterance(s) left out")
+    woven = frame.transcript_with_tool_calls
+    fitted_woven = None if woven is None else _fit_woven(woven, limit)
+    if fitted_woven is not None:
+        update["transcript_with_tool_calls"], total, left_out = fitted_woven
+        notes.append(f"transcript_with_tool_calls of {total} chars: the oldest {left_out} left out")
+    if not update:
+        return frame, None
+    described = f"over max_transcript_chars ({limit}): " + "; ".join(notes)
+    return frame.model_copy(update=update), described
+
+
+def _fit_utterances(
+    transcript: list[Utterance], limit: int
+) -> tuple[list[Utterance], int, int] | None:
+    sizes = [len(u.content) for u in transcript]
+    total = sum(sizes)
+    if total <= limit:
+        return None
+    start = _newest_within(sizes, limit)
+    fitted = list(transcript)
+    if start == len(fitted):
+        newest = fitted[-1]
+        fitted[-1] = newest.model_copy(update={"content": newest.content[-limit:]})
+        start -= 1
+    left_out = 0
+    for i in range(start):
+        if fitted[i].content:
+            fitted[i] = fitted[i].model_copy(update={"content": ""})
+            left_out += 1
+    return fitted, total, left_out
+
+
+def _fit_woven(
+    items: list[dict[str, Any]], limit: int
+) -> tuple[list[dict[str, Any]], int, int] | None:
+    sizes = [
+        sum(len(v) for k in ("content", "arguments") if isinstance(v := i.get(k), str))
+        for i in items
+    ]
+    total = sum(sizes)
+    if total <= limit:
+        return None
+    start = _newest_within(sizes, limit)
+    kept = items[start:]
+    newest = items[-1]
+    if not kept and isinstance(newest.get("content"), str):
+        kept = [{**newest, "content": newest["content"][-limit:]}]
+    return kept, total, len(items) - len(kept)
+
+
+def _newest_within(sizes: list[int], limit: int) -> int:
+    """Where the longest run of newest items that fits in ``limit`` starts."""
+    start, budget = len(sizes), limit
+    while start > 0 and sizes[start - 1] <= budget:
+        start -= 1
+        budget -= sizes[start]
+    return start

@@ -12,9 +12,17 @@ caller from hearing silence while tools run: Retell holds the turn open until
 3. finish with one ``content_complete: true`` frame, carrying any call action a
    tool asked for (hang up, transfer, digits) on spoken content.
 
-Failures end the same way: the caller hears the fallback line, the turn
-completes. Cancellation (the caller barged in) ends the loop at once and sends
-nothing; :mod:`callbrain.tools.runner` decides which tools keep running.
+This module is the one place that decides when the caller hears the agent's
+fallback line: whenever the turn cannot answer (the request could not be
+built, the model failed or timed out, the tools looped), whatever the cause,
+the line is spoken and the turn completes; the error itself goes to the log
+and the turn's record, never to the caller. A response that runs on past
+``max_response_chars`` or ``max_response_s`` (a model that never stops) is
+cut there and completed cleanly.
+
+Cancellation (the caller barged in, or a shutdown cut the turn) ends the loop
+at once and sends nothing; :mod:`callbrain.tools.runner` decides which tools
+keep running. :meth:`Turn.run` is therefore safe to cancel at any await.
 """
 
 from __future__ import annotations
@@ -24,16 +32,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from callbrain.agent import Agent
-from callbrain.call_control import TurnActions
+from callbrain.call.record import ModelRecord, ToolRecord, TurnRecord
 from callbrain.llm.base import LLM, LLMError, LLMStream
 from callbrain.llm.chat import ChatChunk, ChatItem, ChatRequest, Message, TextDelta, ToolCall
+from callbrain.retell.actions import TurnActions
 from callbrain.tools.runner import ToolRun, ToolRunner
 
-logger = logging.getLogger("callbrain.session")
+logger = logging.getLogger("callbrain.call")
 
 
 class ResponseSender(Protocol):
@@ -44,14 +52,8 @@ class ResponseSender(Protocol):
     ) -> Awaitable[bool]: ...
 
 
-@dataclass
-class TurnReport:
-    """What the turn did, for the session's log line."""
-
-    first_text: float | None = None
-    tool_calls: int = 0
-    failed: bool = False
-    action: str | None = None
+class _TooLong(Exception):
+    """The response reached the agent's length or duration limit."""
 
 
 class Turn:
@@ -60,8 +62,8 @@ class Turn:
     def __init__(
         self,
         *,
-        response_id: int,
-        request: ChatRequest,
+        record: TurnRecord,
+        build_request: Callable[[], ChatRequest],
         anchor: int,
         agent: Agent,
         llm: LLM,
@@ -69,8 +71,9 @@ class Turn:
         send: ResponseSender,
         holding_line: Callable[[], str],
     ) -> None:
-        self.response_id = response_id
-        self.request = request
+        self.record = record
+        self.response_id = record.response_id
+        self._build_request = build_request
         self.anchor = anchor
         """Transcript position the turn's tool calls are recorded at."""
         self.agent = agent
@@ -79,28 +82,36 @@ class Turn:
         self._send = send
         self._holding_line = holding_line
         self.actions = TurnActions()
-        self.report = TurnReport()
-        self._spoken = ""
+        self._failed = False
         self._filler_said = False
+        self._deadline = record.arrived + agent.max_response_s
 
     async def run(self) -> None:
         """Speak the response and complete it, whatever happens (except cancellation)."""
         try:
             await self._steps()
+        except _TooLong as exc:
+            logger.warning("response %d cut short: %s", self.response_id, exc)
         except LLMError as exc:
-            self.report.failed = True
+            self._fail(f"model failed: {exc}")
             logger.warning("response %d: model failed: %s", self.response_id, exc)
-        except Exception:
+        except Exception as exc:
             # CancelledError is not an Exception: a superseded turn ends silently here.
-            self.report.failed = True
+            self._fail(f"unexpected error: {type(exc).__name__}")
             logger.exception("response %d: unexpected error", self.response_id)
         await self._finish()
 
+    def _fail(self, reason: str) -> None:
+        self._failed = True
+        self.record.error = self.record.error or reason
+
     async def _steps(self) -> None:
-        messages: list[ChatItem] = list(self.request.messages)
+        request = self._build_request()
+        messages: list[ChatItem] = list(request.messages)
         for step in range(self.agent.max_tool_steps + 1):
-            request = ChatRequest(self.request.system, tuple(messages), self.request.tools)
-            text, calls = await self._complete(request)
+            text, calls = await self._complete(
+                ChatRequest(request.system, tuple(messages), request.tools)
+            )
             if not calls:
                 return
             if step == self.agent.max_tool_steps:
@@ -109,7 +120,7 @@ class Turn:
                     self.response_id,
                     step,
                 )
-                self.report.failed = True
+                self._fail(f"still calling tools after {step} rounds")
                 return
             runs = await self._run_tools(calls)
             messages += [Message("assistant", text, tuple(calls)), *(run.output for run in runs)]
@@ -120,19 +131,32 @@ class Turn:
         """Stream one completion: speak its text, collect its tool calls."""
         text: list[str] = []
         calls: list[ToolCall] = []
-        async with self.llm.chat(request) as stream:
-            first = await self._first_chunk(stream)
-            async for chunk in _chain(first, stream):
-                if isinstance(chunk, ToolCall):
-                    calls.append(chunk)
-                elif isinstance(chunk, TextDelta) and chunk.text:
-                    # Deltas of one completion join as they are ("Av" + "a", "I" + "'m");
-                    # only its first may need a space after what was said before it.
-                    sent = await self._say(chunk.text, verbatim=bool(text))
-                    text.append(chunk.text)
-                    if sent and self.report.first_text is None:
-                        self.report.first_text = time.perf_counter()
+        model = ModelRecord(self.llm.provider, self.llm.model, requested=time.perf_counter())
+        self.record.models.append(model)
+        stream = self.llm.chat(request)
+        try:
+            async with stream:
+                first = await self._first_chunk(stream)
+                if first is not None:
+                    model.first_token = time.perf_counter()
+                async for chunk in _chain(first, stream):
+                    if isinstance(chunk, ToolCall):
+                        calls.append(chunk)
+                    elif isinstance(chunk, TextDelta) and chunk.text:
+                        # Deltas of one completion join as they are ("Av" + "a", "I" + "'m");
+                        # only its first may need a space after what was said before it.
+                        await self._say(chunk.text, verbatim=bool(text))
+                        text.append(chunk.text)
+                        self._check_limits()
+        finally:
+            _copy_metrics(stream, model)
         return "".join(text), calls
+
+    def _check_limits(self) -> None:
+        if len(self.record.spoken) >= self.agent.max_response_chars:
+            raise _TooLong(f"{len(self.record.spoken)} characters (max_response_chars)")
+        if time.perf_counter() >= self._deadline:
+            raise _TooLong(f"still speaking after {self.agent.max_response_s:g} s (max_response_s)")
 
     async def _first_chunk(self, stream: LLMStream) -> ChatChunk | None:
         """The stream's first chunk; if it is late, the caller hears the filler once.
@@ -141,7 +165,7 @@ class Turn:
         close the provider stream we still want to read.
         """
         wait = self.agent.first_token_filler_after_s
-        nothing_said = not self._spoken.strip() and not self._filler_said
+        nothing_said = not self.record.spoken.strip() and not self._filler_said
         if wait is None or not nothing_said or not self.agent.first_token_filler_message:
             return await anext(stream, None)
         pending = asyncio.ensure_future(anext(stream, None))
@@ -160,15 +184,17 @@ class Turn:
                     await pending
 
     async def _run_tools(self, calls: list[ToolCall]) -> list[ToolRun]:
-        self.report.tool_calls += len(calls)
         tools = [self.runner.tools.get(call.name) for call in calls]
         slow = [tool for tool in tools if tool is not None and not tool.instant]
-        if slow and not self._spoken.strip():
+        if slow and not self.record.spoken.strip():
             line = next((t.holding_message for t in slow if t.holding_message), None)
             if line is None and any(t.holding_message is None for t in slow):
                 line = self._holding_line()
             if line:
                 await self._say(line)
+        started = time.perf_counter()
+        records = [ToolRecord(call.name, call.arguments, started) for call in calls]
+        self.record.tools += records
         batch = asyncio.ensure_future(self.runner.run_all(calls, self.actions, self.anchor))
         try:
             wait = self.agent.tool_filler_after_s
@@ -177,34 +203,55 @@ class Turn:
                 if not done and self.agent.tool_filler_message:
                     self._filler_said = True
                     await self._say(self.agent.tool_filler_message)
-            return await batch
+            runs = await batch
         finally:
             batch.cancel()  # no-op once done; stops read-only tools if we were cancelled
+        for record, run in zip(records, runs, strict=True):
+            record.duration_s = run.duration_s
+            record.outcome = "replayed" if run.replayed else "ok" if run.successful else "error"
+            record.result = run.output.content
+            record.action = self.actions.by_tool.get(run.call.id)
+        return runs
 
     async def _say(
         self, text: str, *, complete: bool = False, verbatim: bool = False, **fields: Any
     ) -> bool:
         """Send ``text``; a separate line (not ``verbatim``) gets a space before it
         if it would run into what was said."""
-        joins = text and self._spoken and not self._spoken[-1].isspace()
+        spoken = self.record.spoken
+        joins = text and spoken and not spoken[-1].isspace()
         if not verbatim and joins and not text[0].isspace():
             text = " " + text
         if self.actions.no_interruption_allowed:
             fields["no_interruption_allowed"] = True
         sent = await self._send(self.response_id, text, complete=complete, fields=fields)
         if sent:
-            self._spoken += text
+            self.record.spoken += text
+            if text.strip() and self.record.first_frame is None:
+                self.record.first_frame = time.perf_counter()
         return sent
 
     async def _finish(self) -> None:
-        line = self.agent.fallback_message if self.report.failed else ""
+        line = self.agent.fallback_message if self._failed else ""
         fields: dict[str, Any] = {}
         action = self.actions.action
-        if action is not None and not self.report.failed:
-            line = action.line(spoke=bool(self._spoken.strip()))
+        if action is not None and not self._failed:
+            line = action.line(spoke=bool(self.record.spoken.strip()))
             fields = action.frame_fields()
-            self.report.action = action.kind
-        await self._say(line, complete=True, **fields)
+            self.record.action = action.kind
+        if await self._say(line, complete=True, **fields):
+            self.record.outcome = "fallback" if self._failed else "completed"
+            self.record.completed = time.perf_counter()
+
+
+def _copy_metrics(stream: LLMStream, model: ModelRecord) -> None:
+    metrics = stream.metrics
+    model.provider, model.model = metrics.provider, metrics.model
+    model.failovers = list(metrics.failovers)
+    model.outcome = metrics.outcome
+    if metrics.usage is not None:
+        model.input_tokens = metrics.usage.input_tokens
+        model.output_tokens = metrics.usage.output_tokens
 
 
 async def _chain(first: ChatChunk | None, stream: LLMStream) -> AsyncIterator[ChatChunk]:

@@ -2,31 +2,26 @@
 
 Two scopes, because Retell attaches actions to different frames:
 
-* **This turn** (:class:`TurnActions`, reached through a tool's
-  :class:`~callbrain.tools.ToolContext`): hang up, transfer or press digits
-  *after* the turn's content has been spoken, and mark the rest of the turn
-  uninterruptible. These ride on a ``response`` frame of the turn that asked,
-  so a caller who barges in cancels them, as Retell intends; a turn that is
-  superseded before it finishes drops them.
-* **The whole call** (:class:`CallControl`): speak unprompted
+* **This turn** (:class:`~callbrain.retell.actions.TurnActions`, reached
+  through a tool's :class:`~callbrain.tools.ToolContext`): hang up, transfer
+  or press digits *after* the turn's content has been spoken, and mark the
+  rest of the turn uninterruptible. These ride on a ``response`` frame of the
+  turn that asked, so a caller who barges in cancels them, as Retell intends.
+* **The whole call** (:class:`CallControl`, here): speak unprompted
   (``agent_interrupt``, e.g. when a background job finishes), change
   turn-taking settings (``update_agent``) and send ``metadata`` to a web
   frontend. These are frames of their own and work from any task, any time
   while the call is connected.
-
-Retell runs at most one of end call, transfer and digits per response, and its
-docs rank them: end call, then transfer, then digits. :class:`TurnActions`
-keeps the same order when a turn asks for several and logs what it dropped.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from callbrain.protocol import (
+from callbrain.retell.actions import Action
+from callbrain.retell.frames import (
     AgentConfigUpdate,
     AgentInterruptFrame,
     MetadataFrame,
@@ -35,72 +30,6 @@ from callbrain.protocol import (
 )
 
 logger = logging.getLogger("callbrain.call")
-
-ActionKind = Literal["end_call", "transfer", "press_digit"]
-_RANK: dict[ActionKind, int] = {"end_call": 0, "transfer": 1, "press_digit": 2}
-
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    """One call action and the line spoken with it (which the action rides on)."""
-
-    kind: ActionKind
-    message: str = ""
-    """Said before the action runs."""
-    default_message: str = ""
-    """Said instead when ``message`` is empty and nothing else was said this turn."""
-    transfer_number: str | None = None
-    show_transferee_as_caller: bool = False
-    digits: str | None = None
-
-    def line(self, *, spoke: bool) -> str:
-        """What to say with the action, given whether the turn has spoken already.
-
-        A transfer always says something: Retell staff report transfers lost
-        when ``transfer_number`` rode only on a trailing empty frame, so it gets
-        a frame with content. Hanging up on an empty frame is documented to work,
-        so a goodbye already said is not repeated.
-        """
-        if self.message or self.kind == "transfer" or not spoke:
-            return self.message or self.default_message
-        return ""
-
-    def frame_fields(self) -> dict[str, Any]:
-        """The fields this action sets on a ``response`` / ``agent_interrupt`` frame."""
-        if self.kind == "end_call":
-            return {"end_call": True}
-        if self.kind == "transfer":
-            fields: dict[str, Any] = {"transfer_number": self.transfer_number}
-            if self.show_transferee_as_caller:
-                fields["show_transferee_as_caller"] = True
-            return fields
-        return {"digit_to_press": self.digits}
-
-
-class TurnActions:
-    """What one turn asked for, applied when the turn finishes."""
-
-    def __init__(self) -> None:
-        self.action: Action | None = None
-        self.no_interruption_allowed = False
-
-    def request(self, action: Action) -> None:
-        """Ask for ``action``; of several, the highest-ranked one wins."""
-        current = self.action
-        if current is None or _RANK[action.kind] < _RANK[current.kind]:
-            if current is not None:
-                logger.warning(
-                    "%s overrides %s requested earlier in this turn (Retell runs one action)",
-                    action.kind,
-                    current.kind,
-                )
-            self.action = action
-        else:
-            logger.warning(
-                "%s dropped: %s was already requested in this turn (Retell runs one action)",
-                action.kind,
-                current.kind,
-            )
 
 
 class FrameSink(Protocol):
@@ -199,6 +128,14 @@ class CallControl:
             self.overrides.update(settings)
             self._changed()
         return sent
+
+    async def resend_overrides(self) -> bool:
+        """Send the ``update_agent`` settings of earlier sockets again: a
+        reconnected socket starts from the agent's own settings on Retell's side."""
+        if not self.overrides:
+            return True
+        update = AgentConfigUpdate.model_validate(self.overrides)
+        return await self._send(UpdateAgentFrame(agent_config=update))
 
     async def send_metadata(self, metadata: Mapping[str, Any]) -> bool:
         """Forward ``metadata`` to a web call's frontend (its "metadata" event)."""

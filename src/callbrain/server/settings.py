@@ -1,17 +1,17 @@
 """The ``server:`` block of an agent file: who may connect, what is accepted,
 where Retell's webhooks go, and how the process stops.
 
-These are deployment settings, but callbrain serves one agent per process, so
-they live in the same file (with the same ``${ENV}`` expansion: keep secrets in
-the environment, ``secret: ${CALLBRAIN_SECRET}``) and are checked at load time
-like everything else.
+These are deployment settings kept in the agent file (with the same ``${ENV}``
+expansion: keep secrets in the environment, ``secret: ${CALLBRAIN_SECRET}``)
+and checked at load time like everything else, so a mistake stops the start-up
+with the file and the key, never a live call.
 """
 
 from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 RETELL_IPS = ("100.20.5.228/32",)
 """Retell's published outbound address (protocol reference, section 5)."""
@@ -19,6 +19,14 @@ RETELL_IPS = ("100.20.5.228/32",)
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _not_blank(value: SecretStr | None) -> SecretStr | None:
+    """An empty secret is a mistake (an unset ``${VAR:-}``), never "no check":
+    with an empty socket secret any empty ``?token=`` would do."""
+    if value is not None and not value.get_secret_value().strip():
+        raise ValueError("is empty (is its ${ENV} variable set?); set it or remove the key")
+    return value
 
 
 class AccessSettings(_Settings):
@@ -43,6 +51,11 @@ class AccessSettings(_Settings):
     max_calls: int | None = Field(default=None, ge=1)
     """Concurrent calls this process accepts; more are refused (Retell retries
     elsewhere if you run several instances). None: no limit."""
+    max_idle_s: float = Field(default=600.0, gt=0)
+    """A call that sends no frame at all (not even a ping) for this long is
+    closed, so a peer that went quiet cannot hold a ``max_calls`` slot for ever."""
+
+    _secret_not_blank = field_validator("secret")(_not_blank)
 
 
 class WebhookSettings(_Settings):
@@ -57,6 +70,8 @@ class WebhookSettings(_Settings):
     tolerance_s: float = Field(default=300.0, gt=0)
     """Events signed longer ago (or ahead) than this are refused as replays."""
 
+    _key_not_blank = field_validator("api_key")(_not_blank)
+
 
 class StoreSettings(_Settings):
     """Where calls' memories and side-effecting tools' results are kept."""
@@ -66,6 +81,12 @@ class StoreSettings(_Settings):
     land on another one). None: in this process."""
     ttl_s: float = Field(default=6 * 3600, gt=0)
     """How long a call's memory outlives its last change."""
+    redis_prefix: str = "callbrain:"
+    """Put before every key, so one Redis can serve several deployments."""
+    timeout_s: float = Field(default=2.0, gt=0)
+    """A store operation that takes longer is abandoned; the call goes on without it."""
+    max_memory_mb: float = Field(default=256, gt=0)
+    """Without Redis: the most this process keeps (oldest written dropped first)."""
 
 
 class ServerSettings(_Settings):

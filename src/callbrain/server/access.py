@@ -12,12 +12,11 @@ Refusals are logged without the secret or whatever was presented in its place,
 at most ``rejections_per_minute`` per client address (then one line saying the
 rest are suppressed), so a scanner cannot flood the logs. uvicorn's own lines
 would print the URL verbatim, secret included, so a filter on its logger
-rewrites them the same way (see :class:`_UvicornLogFilter`).
+rewrites them the same way (see :mod:`callbrain.logs`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import hmac
 import logging
 import re
@@ -26,21 +25,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import parse_qsl, quote, quote_plus
 
 from starlette.websockets import WebSocket
 
-from callbrain.agent import AgentConfigError
-from callbrain.protocol import ReminderRequired, ResponseRequired, UpdateOnly, Utterance
-from callbrain.settings import AccessSettings
+from callbrain.logs import REDACTED, HandshakeLine, handshake_line_var, redact_secret
+from callbrain.server.settings import AccessSettings
 
-logger = logging.getLogger("callbrain.access")
+logger = logging.getLogger("callbrain.server.access")
 
 IPAddress = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
 
-REDACTED = "<redacted>"
 SECRET_PARAM = "secret"
 """The path parameter of the ``{prefix}/{secret}/{call_id}`` route."""
 TOKEN_PARAM = "token"
@@ -146,16 +143,15 @@ class AccessGuard:
 
     def __init__(self, settings: AccessSettings) -> None:
         self.settings = settings
+        # Never empty: the settings refuse that (an unset ${VAR:-} must not quietly
+        # turn into "any empty ?token= will do").
         secret = None if settings.secret is None else settings.secret.get_secret_value()
-        if secret is not None and not secret.strip():
-            # An unset ${VAR:-} must not quietly turn into "any empty ?token= will do".
-            raise AgentConfigError("server.access.secret is empty; set it or remove it")
         self._secret = None if secret is None else secret.encode("utf-8", "surrogatepass")
         self.limiter = RejectionLimiter(settings.rejections_per_minute)
         if secret is not None:
             _check_secret(secret)
-            _UVICORN_LOG_FILTER.secrets.update({secret, quote(secret, safe=""), quote_plus(secret)})
-            logging.getLogger("uvicorn.error").addFilter(_UVICORN_LOG_FILTER)  # idempotent
+            for form in (secret, quote(secret, safe=""), quote_plus(secret)):
+                redact_secret(form)
 
     @property
     def has_secret(self) -> bool:
@@ -198,14 +194,14 @@ class AccessGuard:
         reason = self._refusal(address, presented, active_calls)
         if reason is None:
             if self._secret is not None:
-                _shown_var.set(_Shown(self._shown_path(websocket), quiet=False))
+                handshake_line_var.set(HandshakeLine(self._shown_path(websocket), quiet=False))
             return True
         who = "an unparsable address" if address is None else str(address)
         if peer is None or address != parse_address(peer):
             who += f" (via {peer})"  # taken from X-Forwarded-For, or no usable peer
         verdict = self.limiter.hit(str(address) if address is not None else f"? {peer}")
         shown = self._shown_path(websocket)
-        _shown_var.set(_Shown(shown, quiet=verdict != "log"))
+        handshake_line_var.set(HandshakeLine(shown, quiet=verdict != "log"))
         if verdict == "log":
             logger.warning("refused a call socket from %s to %s: %s", who, shown, reason)
         elif verdict == "suppress":
@@ -263,142 +259,3 @@ def _check_secret(secret: str) -> None:
             "server.access.secret has characters that must be percent-encoded in a URL "
             "('/' cannot be in a path segment at all); a URL-safe one avoids surprises"
         )
-
-
-# --------------------------------------------------------------- uvicorn logs
-
-
-@dataclass(frozen=True, slots=True)
-class _Shown:
-    path: str
-    quiet: bool
-
-
-# Set by the guard in the connection's own task, which is where uvicorn logs the
-# handshake outcome (inside the app's send of accept or close).
-_shown_var: contextvars.ContextVar[_Shown | None] = contextvars.ContextVar(
-    "callbrain_handshake_path", default=None
-)
-
-
-class _UvicornLogFilter(logging.Filter):
-    """On ``uvicorn.error``, which logs each handshake as ``"WebSocket <path>" 403``
-    (or ``[accepted]``) with the raw path and query: show the guard's redacted
-    path instead, or drop the line for a refusal over the rate limit. As a safety
-    net, a configured secret is masked in any of its lines (the websockets
-    library's debug lines, logged before the guard runs, include the path)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if not isinstance(args, tuple):
-            return True
-        shown = _shown_var.get()
-        if (
-            shown is not None
-            and len(args) >= 2
-            and isinstance(record.msg, str)
-            and '"WebSocket %s"' in record.msg
-        ):
-            if shown.quiet:
-                return False
-            args = (args[0], shown.path, *args[2:])
-        if self.secrets:
-            args = tuple(self._mask(a) if isinstance(a, str) else a for a in args)
-            if isinstance(record.msg, str):
-                record.msg = self._mask(record.msg)
-        record.args = args
-        return True
-
-    def _mask(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
-
-
-_UVICORN_LOG_FILTER = _UvicornLogFilter()
-
-
-# ----------------------------------------------------------------- transcript
-
-TranscriptFrame = UpdateOnly | ResponseRequired | ReminderRequired
-
-
-def fit_transcript(frame: TranscriptFrame, limit: int) -> tuple[TranscriptFrame, str | None]:
-    """``frame`` with its transcript text cut to ``limit`` characters from the
-    oldest end, and what was cut, for the log (None when it fitted).
-
-    Utterances left out keep their place, emptied, so positions in the
-    transcript (the anchors of the call's tool history) keep counting the same;
-    the chat request skips empty utterances. A newest utterance longer than the
-    limit on its own keeps its last ``limit`` characters. Retell's woven
-    ``transcript_with_tool_calls``, which replaces the transcript in the model
-    request when turned on, loses its oldest items the same way.
-    """
-    update: dict[str, Any] = {}
-    notes: list[str] = []
-    fitted = _fit_utterances(frame.transcript, limit)
-    if fitted is not None:
-        update["transcript"], total, left_out = fitted
-        notes.append(f"transcript of {total} chars: the oldest {left_out} utterance(s) left out")
-    woven = frame.transcript_with_tool_calls
-    fitted_woven = None if woven is None else _fit_woven(woven, limit)
-    if fitted_woven is not None:
-        update["transcript_with_tool_calls"], total, left_out = fitted_woven
-        notes.append(f"transcript_with_tool_calls of {total} chars: the oldest {left_out} left out")
-    if not update:
-        return frame, None
-    described = f"over max_transcript_chars ({limit}): " + "; ".join(notes)
-    return frame.model_copy(update=update), described
-
-
-def _fit_utterances(
-    transcript: list[Utterance], limit: int
-) -> tuple[list[Utterance], int, int] | None:
-    sizes = [len(u.content) for u in transcript]
-    total = sum(sizes)
-    if total <= limit:
-        return None
-    start = _newest_within(sizes, limit)
-    fitted = list(transcript)
-    if start == len(fitted):
-        newest = fitted[-1]
-        fitted[-1] = newest.model_copy(update={"content": newest.content[-limit:], "words": []})
-        start -= 1
-    left_out = 0
-    for i in range(start):
-        if fitted[i].content or fitted[i].words:
-            fitted[i] = fitted[i].model_copy(update={"content": "", "words": []})
-            left_out += 1
-    return fitted, total, left_out
-
-
-def _fit_woven(
-    items: list[dict[str, Any]], limit: int
-) -> tuple[list[dict[str, Any]], int, int] | None:
-    sizes = [
-        sum(len(v) for k in ("content", "arguments") if isinstance(v := i.get(k), str))
-        for i in items
-    ]
-    total = sum(sizes)
-    if total <= limit:
-        return None
-    start = _newest_within(sizes, limit)
-    kept = items[start:]
-    newest = items[-1]
-    if not kept and isinstance(newest.get("content"), str):
-        kept = [{**newest, "content": newest["content"][-limit:]}]
-    return kept, total, len(items) - len(kept)
-
-
-def _newest_within(sizes: list[int], limit: int) -> int:
-    """Where the longest run of newest items that fits in ``limit`` starts."""
-    start, budget = len(sizes), limit
-    while start > 0 and sizes[start - 1] <= budget:
-        start -= 1
-        budget -= sizes[start]
-    return start

@@ -1,0 +1,132 @@
+"""What a call knows beyond Retell's transcript, kept so a reconnect can go on.
+
+With ``auto_reconnect`` Retell opens a *new* socket for the same call id after a
+dropped connection, and behind a load balancer it may reach another instance.
+Retell resends the transcript, but not what only we knew: the call object
+(and its dynamic variables), the tool calls that ran and what they returned,
+the ``agent_interrupt`` numbering and the turn-taking settings we changed.
+:class:`CallMemory` is that, and :class:`MemoryKeeper` loads it when a socket
+opens and saves it as it changes, through the server's guarded store.
+
+Two rules keep a reconnect from losing anything:
+
+* **Restore first, save after.** Loading a memory puts it back as it was and
+  saves nothing; only a change made on this socket is saved. (Saving while
+  restoring once wrote an empty tool history over the saved one, and a second
+  drop in that window forgot the booking.)
+* **Saves are ordered and coalesced.** One writer saves the newest snapshot;
+  a burst of changes costs one write, and an older snapshot can never land
+  after a newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from callbrain.call.conversation import ToolExchange
+from callbrain.llm.chat import ToolCall, ToolOutput
+from callbrain.stores.guard import GuardedStore
+
+logger = logging.getLogger("callbrain.call")
+
+_CALL = "call:"
+
+
+@dataclass
+class CallMemory:
+    call: dict[str, Any] | None = None
+    """The ``call`` object of ``call_details``."""
+    tool_history: list[ToolExchange] = field(default_factory=list)
+    interrupt_id: int = 0
+    """The last ``agent_interrupt`` id sent, so a new socket does not reuse it."""
+    agent_overrides: dict[str, Any] = field(default_factory=dict)
+    """The ``update_agent`` settings sent, latest value of each."""
+    sockets: int = 1
+    """How many sockets this call has had: 1, then one more per reconnect."""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "call": self.call,
+                "interrupt_id": self.interrupt_id,
+                "agent_overrides": self.agent_overrides,
+                "sockets": self.sockets,
+                "tool_history": [
+                    {
+                        "anchor": e.anchor,
+                        "call": [e.call.id, e.call.name, e.call.arguments],
+                        "output": [e.output.content, e.output.is_error],
+                    }
+                    for e in self.tool_history
+                ],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> CallMemory:
+        raw = orjson.loads(data)
+        history = []
+        for entry in raw.get("tool_history") or ():
+            call_id, name, arguments = entry["call"]
+            content, is_error = entry["output"]
+            call = ToolCall(call_id, name, arguments)
+            history.append(
+                ToolExchange(entry["anchor"], call, ToolOutput(call_id, name, content, is_error))
+            )
+        return cls(
+            call=raw.get("call"),
+            tool_history=history,
+            interrupt_id=int(raw.get("interrupt_id") or 0),
+            agent_overrides=dict(raw.get("agent_overrides") or {}),
+            sockets=int(raw.get("sockets") or 1),
+        )
+
+
+class MemoryKeeper:
+    """Loads and saves one call's :class:`CallMemory` (see the module docstring).
+
+    Never raises and never blocks the call: a store that fails or hangs costs
+    at most the guard's time limit per operation, in the background.
+    """
+
+    def __init__(self, store: GuardedStore, call_id: str) -> None:
+        self._store = store
+        self._key = _CALL + call_id
+        self._pending: CallMemory | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    async def load(self) -> CallMemory | None:
+        """The memory a previous socket of this call left, if any (None if the
+        store failed: the call starts afresh)."""
+        data = await self._store.get(self._key)
+        if data is None:
+            return None
+        try:
+            return CallMemory.from_json(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("the call's saved memory is unreadable (%r); starting afresh", exc)
+            return None
+
+    def save(self, memory: CallMemory) -> None:
+        """Save ``memory`` in the background; only the newest pending one is written."""
+        self._pending = memory
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while (memory := self._pending) is not None:
+            self._pending = None
+            await self._store.set(self._key, memory.to_json())
+
+    async def flush(self) -> None:
+        """Wait for the saves still pending (bounded by the store's time limit)."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            # asyncio.wait, not await: cancelling the waiter leaves the writer be,
+            # so the last state still reaches the store.
+            await asyncio.wait({writer})

@@ -1,0 +1,159 @@
+"""What happened on a call, turn by turn, as the call goes: its flight data.
+
+The session and its turns fill a :class:`CallRecord` with one
+:class:`TurnRecord` per ``response_id`` (and the begin message), each with
+what the caller said, what was spoken and what was cut off, which models and
+tools ran, and when each step happened. They hand the records to the
+server's :class:`CallObserver` s as the call goes: the call records database,
+the Prometheus metrics, the OpenTelemetry traces and the console's live view
+are all observers, so the call code records once and knows none of them.
+
+Timings are ``time.perf_counter()`` readings; :meth:`TurnRecord.timings_ms`
+gives them as milliseconds from the request's arrival.
+
+Observers are called on the event loop, in the middle of a call: they must
+return at once (queue the work) and must not raise; the session logs and
+ignores an observer that does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+logger = logging.getLogger("callbrain.call")
+
+TurnKind = Literal["begin", "response", "reminder"]
+TurnOutcome = Literal["open", "completed", "superseded", "fallback", "drained", "dropped"]
+"""``superseded``: a newer request cut it off; ``drained``: a shutdown did;
+``dropped``: the socket went while it was open."""
+CallEnd = Literal["open", "hangup", "drop", "drain", "error", "inactive"]
+
+
+@dataclass(slots=True)
+class ToolRecord:
+    """One tool call of a turn."""
+
+    name: str
+    arguments: str
+    started: float
+    outcome: Literal["ok", "error", "replayed"] = "ok"
+    """``replayed``: a side-effecting tool's stored result was used instead of a new run."""
+    duration_s: float | None = None
+    action: str | None = None
+    """The call action it asked for, if any: end_call, transfer, press_digit."""
+    result: str = ""
+
+
+@dataclass(slots=True)
+class ModelRecord:
+    """One model request of a turn: who answered, what it cost."""
+
+    provider: str
+    model: str
+    requested: float
+    first_token: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    failovers: list[str] = field(default_factory=list)
+    """``provider/model: reason`` for each provider that failed before this one answered."""
+    outcome: str = "open"
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """One response: a request from Retell (or the begin message) and its answer."""
+
+    response_id: int
+    kind: TurnKind
+    arrived: float
+    """When the request was read from the socket (perf_counter)."""
+    caller_text: str = ""
+    """The caller's last utterance when the request came."""
+    spoken: str = ""
+    """Every word sent for this response, in order."""
+    outcome: TurnOutcome = "open"
+    first_frame: float | None = None
+    completed: float | None = None
+    models: list[ModelRecord] = field(default_factory=list)
+    tools: list[ToolRecord] = field(default_factory=list)
+    action: str | None = None
+    error: str | None = None
+    """Why the fallback line was spoken, for the log and the record (never the caller)."""
+
+    def timings_ms(self) -> dict[str, float | None]:
+        """Milliseconds from the request's arrival to each step (None if not reached)."""
+        first = self.models[0] if self.models else None
+        firsts = [m.first_token for m in self.models if m.first_token is not None]
+        points = {
+            "llm_request": None if first is None else first.requested,
+            "first_token": firsts[0] if firsts else None,
+            "first_frame": self.first_frame,
+            "complete": self.completed,
+        }
+        return {
+            name: None if at is None else round((at - self.arrived) * 1000, 1)
+            for name, at in points.items()
+        }
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One call on one socket (a reconnect is a new record of the same call id)."""
+
+    call_id: str
+    agent: str
+    started_at: float = field(default_factory=time.time)
+    """Wall-clock start (Unix seconds)."""
+    ended_at: float | None = None
+    end: CallEnd = "open"
+    socket_number: int = 1
+    """1 for the first socket of the call, 2 after the first reconnect, and so on."""
+    variables: dict[str, str] = field(default_factory=dict)
+    turns: list[TurnRecord] = field(default_factory=list)
+    tags: dict[str, Any] = field(default_factory=dict)
+    """Free-form labels, e.g. ``{"playground": True}``."""
+
+
+class CallObserver(Protocol):
+    """Told about a call as it goes; see the module docstring for the rules."""
+
+    def call_started(self, call: CallRecord) -> None: ...
+
+    def turn_started(self, call: CallRecord, turn: TurnRecord) -> None: ...
+
+    def turn_ended(self, call: CallRecord, turn: TurnRecord) -> None: ...
+
+    def call_ended(self, call: CallRecord) -> None: ...
+
+
+class Observers:
+    """Several observers as one; one that raises is logged and does not stop the others."""
+
+    def __init__(self, observers: list[CallObserver] | None = None) -> None:
+        self.observers = list(observers or [])
+
+    def call_started(self, call: CallRecord) -> None:
+        for observer in self.observers:
+            self._safely(observer.call_started, call)
+
+    def turn_started(self, call: CallRecord, turn: TurnRecord) -> None:
+        for observer in self.observers:
+            self._safely(observer.turn_started, call, turn)
+
+    def turn_ended(self, call: CallRecord, turn: TurnRecord) -> None:
+        for observer in self.observers:
+            self._safely(observer.turn_ended, call, turn)
+
+    def call_ended(self, call: CallRecord) -> None:
+        for observer in self.observers:
+            self._safely(observer.call_ended, call)
+
+    @staticmethod
+    def _safely(method: Any, *args: Any) -> None:
+        try:
+            method(*args)
+        except Exception:
+            logger.exception("call observer %r failed; the call goes on", method)

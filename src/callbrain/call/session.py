@@ -1,0 +1,571 @@
+"""One call: the glue between the socket, the response ledger and the turns.
+
+A :class:`CallSession` serves one Retell socket from the ``config`` frame to
+the close. It owns little logic of its own; the rules live elsewhere, each in
+one place:
+
+* which ``response_id`` may speak and which one still owes a
+  ``content_complete`` is :class:`~callbrain.retell.ledger.ResponseLedger`;
+* what a response does (speak, call tools, speak again, the fallback line) is
+  :class:`~callbrain.call.turn.Turn`;
+* the socket's life is :class:`~callbrain.call.state.Lifecycle`;
+* what survives a reconnect is :class:`~callbrain.call.memory.MemoryKeeper`.
+
+What the session does itself:
+
+* reads frames and answers ``ping_pong`` from the read loop, so a pong never
+  waits behind a generation;
+* runs each ``response_required`` / ``reminder_required`` as its own task; a
+  newer request cancels the older one at once, which closes its provider
+  stream (see :mod:`callbrain.llm.base`);
+* sends every frame of a response through :meth:`CallSession._send_response`,
+  which asks the ledger under the send lock, so no frame for a superseded id
+  goes out after the newer request arrived and no id completes twice; a frame
+  that cannot be built (a bad action value) is sent without what broke it, so
+  the live id still gets its ``content_complete``;
+* skips a malformed frame with a log line; the call goes on.
+
+Cancelling :meth:`CallSession.run` is safe at any point: the turn tasks are
+cancelled, side-effecting tools finish in the background, and the call's
+memory is flushed to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+
+from callbrain.agent import Agent
+from callbrain.call.control import CallControl, CallHook
+from callbrain.call.conversation import (
+    ToolExchange,
+    build_chat_request,
+    fit_transcript,
+    render_template,
+)
+from callbrain.call.memory import CallMemory, MemoryKeeper
+from callbrain.call.record import CallRecord, Observers, TurnRecord
+from callbrain.call.state import CallState, Lifecycle
+from callbrain.call.turn import Turn
+from callbrain.llm.base import LLM
+from callbrain.llm.chat import ChatRequest
+from callbrain.retell.frames import (
+    CallDetails,
+    ConfigFlags,
+    ConfigFrame,
+    FrameError,
+    OutboundFrame,
+    PingPong,
+    PingPongFrame,
+    ReminderRequired,
+    ResponseFrame,
+    ResponseRequired,
+    TurnRequest,
+    UnknownInteraction,
+    UpdateOnly,
+    Utterance,
+    dynamic_variables,
+    encode,
+    parse_inbound,
+)
+from callbrain.retell.ledger import BEGIN_ID, ResponseLedger
+from callbrain.server.settings import AccessSettings
+from callbrain.stores.guard import GuardedStore
+from callbrain.stores.memory import MemoryStore
+from callbrain.tools.runner import Toolbox, ToolRun, ToolRunner
+
+logger = logging.getLogger("callbrain.call")
+
+# WebSocket close codes (RFC 6455). Never 1000 for a failure: Retell takes 1000 as
+# a deliberate hang-up and ends the call without reconnecting.
+CLOSE_NORMAL = 1000
+CLOSE_INTERNAL_ERROR = 1011
+
+# Fields of the call object that prompts may use as {{variables}} too.
+_CALL_FIELDS = ("call_id", "call_type", "direction", "from_number", "to_number", "agent_id")
+
+
+class Transport(Protocol):
+    """The socket as the session sees it; the server adapts Starlette's WebSocket to it."""
+
+    close_code: int | None
+    """How the peer closed, once :meth:`receive` has returned None (None if unknown)."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next frame (text or binary), or None once the peer has gone."""
+
+    async def send_text(self, text: str) -> None: ...
+
+    async def close(self, code: int) -> None: ...
+
+
+class CallSession:
+    """Drives one call from the first ``config`` frame to the closed socket."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        llm: LLM,
+        transport: Transport,
+        call_id: str,
+        *,
+        toolbox: Toolbox | None = None,
+        on_call_start: CallHook | None = None,
+        limits: AccessSettings | None = None,
+        store: GuardedStore | None = None,
+        observers: Observers | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        """``toolbox`` and ``store`` are shared by the server's calls (by default
+        this call gets the agent's tools, built now, and a private in-memory
+        store, which no reconnect can reach); ``on_call_start`` runs as a task
+        once the call is up; ``limits`` (frame and transcript size, inactivity)
+        default to the agent's ``server.access``; ``observers`` are told about
+        the call and each turn as they go (records, metrics, traces)."""
+        self.agent = agent
+        self.llm = llm
+        self.call_id = call_id
+        self._transport = transport
+        self.lifecycle = Lifecycle()
+        self.ledger = ResponseLedger()
+        self.transcript: list[Utterance] = []
+        self.turntaking: str | None = None
+        self.call: dict[str, object] | None = None
+        self.variables: dict[str, str] = {**agent.dynamic_variables, "call_id": call_id}
+        self.tool_history: list[ToolExchange] = []
+        self.control = CallControl(call_id, self, self.variables, lambda: self.call)
+        self.control.on_change = self._remember
+        self.runner = ToolRunner(
+            toolbox=toolbox if toolbox is not None else Toolbox(agent.build_tools()),
+            control=self.control,
+            send=self.send_frame,
+            record=self._record_tool_run,
+        )
+        self.record = CallRecord(call_id, agent.name, variables=self.variables, tags=tags or {})
+        self._observers = observers or Observers()
+        self._on_call_start = on_call_start
+        self._limits = limits if limits is not None else agent.server.access
+        store = store or GuardedStore(MemoryStore(), ttl_s=agent.server.store.ttl_s)
+        self._memory = MemoryKeeper(store, call_id)
+        self._sockets = 1
+        self._turns: dict[int, TurnRecord] = {}
+        self._transcript_cut = False  # the first cut is a warning, later ones debug
+        self._turn: asyncio.Task[None] | None = None
+        self._begin: asyncio.Task[None] | None = None
+        self._hook: asyncio.Task[None] | None = None
+        self._details_arrived = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._holding_lines = 0
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this socket is a reconnect of a call seen before."""
+        return self._sockets > 1
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Serve the call until Retell closes the socket."""
+        logger.info(
+            "call started (agent=%s, llm=%s/%s)", self.agent.name, self.llm.provider, self.llm.model
+        )
+        try:
+            await self._restore()
+            self.record.socket_number = self._sockets
+            self._observers.call_started(self.record)
+            flags = self.agent.retell_config
+            await self.send_frame(ConfigFrame(config=ConfigFlags(**flags.model_dump())))
+            if self.resumed and self.control.overrides:
+                await self.control.resend_overrides()
+            self.lifecycle.to(CallState.OPEN)
+            if self.agent.wait_for_call_details and not self.resumed:
+                self._begin = asyncio.create_task(self._greet_after_details())
+            else:
+                await self._greet()
+            if self._on_call_start is not None:
+                self._hook = asyncio.create_task(self._run_hook(self._on_call_start))
+            await self._read_loop()
+        except Exception:
+            logger.exception("session failed; closing the socket with %d", CLOSE_INTERNAL_ERROR)
+            self.record.end = "error"
+            self.lifecycle.to(CallState.CLOSED)
+            with contextlib.suppress(Exception):
+                await self._transport.close(CLOSE_INTERNAL_ERROR)
+        finally:
+            await self._end()
+
+    async def _read_loop(self) -> None:
+        idle = self._limits.max_idle_s
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    raw = await self._transport.receive()
+            except TimeoutError:
+                logger.warning("no frame for %.0f s (max_idle_s); closing the call", idle)
+                self.record.end = "inactive"
+                self.lifecycle.to(CallState.CLOSED)
+                with contextlib.suppress(Exception):
+                    await self._transport.close(CLOSE_NORMAL)
+                return
+            if raw is None:
+                if self.record.end == "open":
+                    code = self._transport.close_code
+                    self.record.end = "hangup" if code in (1000, 1001) else "drop"
+                return
+            await self._dispatch(raw)
+
+    async def _end(self) -> None:
+        if self.record.end == "open":
+            self.record.end = "drain" if self.lifecycle.draining else "drop"
+        self.lifecycle.to(CallState.CLOSED)
+        await self._stop_tasks()
+        await self._memory.flush()
+        for turn in self._turns.values():
+            if turn.outcome == "open":
+                turn.outcome = "drained" if self.record.end == "drain" else "dropped"
+                self._observers.turn_ended(self.record, turn)
+        self.record.ended_at = time.time()
+        self._observers.call_ended(self.record)
+        logger.info("call ended (%s)", self.record.end)
+
+    async def _dispatch(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            logger.warning("ignored a binary frame (%d bytes); Retell sends only text", len(raw))
+            return
+        try:
+            frame = parse_inbound(raw)
+        except UnknownInteraction as exc:
+            logger.info("ignored frame: %s", exc)
+            return
+        except FrameError as exc:
+            logger.warning("ignored malformed frame (%d chars): %s", len(raw), exc)
+            return
+        if isinstance(frame, PingPong):
+            await self.send_frame(PingPongFrame(timestamp=frame.timestamp))
+            return
+        if not isinstance(frame, ResponseRequired | ReminderRequired) and self._oversized(raw):
+            return  # a request is answered whatever its size: trimmed below
+        if isinstance(frame, UpdateOnly | ResponseRequired | ReminderRequired):
+            frame, cut = fit_transcript(frame, self._limits.max_transcript_chars)
+            if cut is not None:
+                logger.log(logging.DEBUG if self._transcript_cut else logging.WARNING, "%s", cut)
+                self._transcript_cut = True
+        if isinstance(frame, UpdateOnly):
+            self.transcript = frame.transcript
+            if frame.turntaking is not None:
+                self.turntaking = frame.turntaking
+        elif isinstance(frame, CallDetails):
+            self._take_call_details(frame.call)
+            self._remember()
+            logger.debug("call details received (%d dynamic variables)", len(self.variables))
+        else:
+            self._on_turn_request(frame)
+
+    def _oversized(self, raw: str) -> bool:
+        size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
+        if size <= self._limits.max_frame_bytes:
+            return False
+        logger.warning(
+            "ignored a %d-byte frame: over max_frame_bytes (%d); the call goes on",
+            size,
+            self._limits.max_frame_bytes,
+        )
+        return True
+
+    def _take_call_details(self, call: dict[str, Any]) -> None:
+        self.call = call
+        for key in _CALL_FIELDS:
+            value = call.get(key)
+            if isinstance(value, str):
+                self.variables[key] = value
+        self.variables.update(dynamic_variables(call))
+        self._details_arrived.set()
+
+    def _on_turn_request(self, frame: TurnRequest) -> None:
+        rid = frame.response_id
+        superseded = self.ledger.admit(rid)
+        if superseded is None:
+            logger.warning(
+                "ignored %s %d: not newer than response %d",
+                frame.interaction_type,
+                rid,
+                self.ledger.latest,
+            )
+            return
+        # From here on the older id is superseded: the ledger refuses it.
+        self.transcript = frame.transcript
+        self._close_record(superseded.previous, "superseded")
+        record = self._open_record(
+            rid, "reminder" if isinstance(frame, ReminderRequired) else "response"
+        )
+        record.caller_text = _last_caller_text(frame.transcript)
+        if self._turn is not None and not self._turn.done():
+            self._turn.cancel()
+            if superseded.was_open:
+                logger.debug("response %d superseded by %d", superseded.previous, rid)
+        if self.lifecycle.draining:
+            # Its turn could not finish before the socket goes: complete it empty,
+            # and Retell asks again on the socket it reconnects.
+            logger.info("response %d completed empty: the server is shutting down", rid)
+            self._turn = asyncio.create_task(self._complete_empty(rid, "drained"))
+            return
+        self._turn = asyncio.create_task(self._respond(frame, record), name=f"response-{rid}")
+
+    # --------------------------------------------------------------------- turns
+
+    def _open_record(self, response_id: int, kind: Any) -> TurnRecord:
+        record = TurnRecord(response_id, kind, arrived=time.perf_counter())
+        self._turns[response_id] = record
+        self.record.turns.append(record)
+        self._observers.turn_started(self.record, record)
+        return record
+
+    def _close_record(self, response_id: int, outcome: Any) -> None:
+        record = self._turns.pop(response_id, None)
+        if record is None:
+            return
+        if record.outcome == "open":
+            record.outcome = outcome
+        self._observers.turn_ended(self.record, record)
+
+    async def _greet_after_details(self) -> None:
+        try:
+            async with asyncio.timeout(self.agent.call_details_timeout_s):
+                await self._details_arrived.wait()
+        except TimeoutError:
+            logger.warning(
+                "no call_details after %.1fs; greeting with default variables",
+                self.agent.call_details_timeout_s,
+            )
+        await self._greet()
+
+    async def _greet(self) -> None:
+        record = self._open_record(BEGIN_ID, "begin")
+        text = ""
+        if not self.resumed:  # a reconnect: the caller heard the greeting long ago
+            text, missing = render_template(self.agent.begin_message, self.variables)
+            if missing:
+                logger.warning("begin_message variables without a value: %s", ", ".join(missing))
+        if await self._send_response(BEGIN_ID, text.strip(), complete=True):
+            record.spoken = text.strip()
+            record.first_frame = record.completed = time.perf_counter()
+            record.outcome = "completed"
+        self._close_record(BEGIN_ID, "superseded")
+
+    async def _respond(self, frame: TurnRequest, record: TurnRecord) -> None:
+        rid = frame.response_id
+        turn = Turn(
+            record=record,
+            build_request=lambda: self._chat_request(frame),
+            anchor=len(frame.transcript),
+            agent=self.agent,
+            llm=self.llm,
+            runner=self.runner,
+            send=self._send_response,
+            holding_line=self._next_holding_line,
+        )
+        await turn.run()
+        if record.outcome != "open":
+            timings = record.timings_ms()
+            logger.debug(
+                "response %d %s: first frame %s ms, complete %s ms",
+                rid,
+                record.outcome,
+                timings["first_frame"],
+                timings["complete"],
+            )
+        self._close_record(rid, "superseded")
+
+    async def _complete_empty(self, response_id: int, outcome: Any) -> None:
+        if await self._send_response(response_id, "", complete=True):
+            record = self._turns.get(response_id)
+            if record is not None:
+                record.outcome = outcome
+                record.completed = time.perf_counter()
+        self._close_record(response_id, outcome)
+
+    async def finish_turns(self, grace: float) -> None:
+        """For a shutdown: let the open turn end by itself for up to ``grace``
+        seconds, then end it: cancelled between two chunks (never inside one) and
+        completed with an empty ``content_complete`` frame. The socket stays open;
+        closing it is the server's business."""
+        deadline = asyncio.get_running_loop().time() + grace
+        if not self.lifecycle.closed:
+            self.lifecycle.to(CallState.DRAINING)
+        # A newer request may replace the turn meanwhile: follow whichever is open.
+        while (turn := self._turn) is not None and not turn.done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                turn.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await turn
+                break
+            await asyncio.wait({turn}, timeout=left)
+        owed = self.ledger.owed
+        if owed is not None and owed != BEGIN_ID:
+            logger.info("response %d ended for the shutdown", owed)
+            await self._complete_empty(owed, "drained")
+
+    def _chat_request(self, frame: TurnRequest) -> ChatRequest:
+        reminder = isinstance(frame, ReminderRequired)
+        woven = frame.transcript_with_tool_calls
+        request, missing = build_chat_request(
+            system_prompt=self.agent.system_prompt,
+            transcript=frame.transcript,
+            variables=self.variables,
+            max_messages=self.agent.max_history_messages,
+            reminder_prompt=self.agent.reminder_prompt if reminder else None,
+            tools=[tool.spec for tool in self.runner.tools.values()],
+            history=self.tool_history,
+            # Retell's woven transcript, when asked for, is the record of tool calls.
+            woven=woven if self.agent.retell_config.transcript_with_tool_calls else None,
+        )
+        if missing:
+            logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
+        return request
+
+    def _next_holding_line(self) -> str:
+        """The agent's holding lines in turn, so a caller does not hear the same one twice."""
+        lines = self.agent.holding_messages
+        if not lines:
+            return ""
+        self._holding_lines += 1
+        return lines[(self._holding_lines - 1) % len(lines)]
+
+    def _record_tool_run(self, run: ToolRun, anchor: int) -> None:
+        self.tool_history.append(ToolExchange(anchor, run.call, run.output))
+        self._remember()
+
+    # ----------------------------------------------------------------- memory
+
+    async def _restore(self) -> None:
+        """Pick up where a dropped socket of this call left off, if it did; then
+        record the call, so that even a call that has done nothing yet is known
+        as one (a reconnect must not greet again)."""
+        memory = await self._memory.load()
+        if memory is not None:
+            self._sockets = memory.sockets + 1
+            if memory.call is not None:
+                self._take_call_details(memory.call)
+            self.tool_history = list(memory.tool_history)
+            self.control.interrupt_id = memory.interrupt_id
+            self.control.overrides = dict(memory.agent_overrides)
+            logger.info(
+                "call resumed on socket %d: %d tool result(s) restored",
+                self._sockets,
+                len(self.tool_history),
+            )
+        self._remember()
+
+    def _remember(self) -> None:
+        """Save what the call knows now, in the background."""
+        self._memory.save(
+            CallMemory(
+                call=self.call,
+                tool_history=list(self.tool_history),
+                interrupt_id=self.control.interrupt_id,
+                agent_overrides=dict(self.control.overrides),
+                sockets=self._sockets,
+            )
+        )
+
+    async def _run_hook(self, hook: CallHook) -> None:
+        try:
+            await hook(self.control)
+        except Exception:
+            logger.exception("on_call_start hook failed; the call goes on")
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send_response(
+        self,
+        response_id: int,
+        content: str,
+        *,
+        complete: bool,
+        fields: dict[str, Any] | None = None,
+    ) -> bool:
+        """Send content for ``response_id`` if it is still the live one; True if sent.
+
+        ``fields`` are the frame's optional flags (actions, no_interruption_allowed).
+        """
+        async with self._send_lock:
+            if self.lifecycle.closed or not self.ledger.may_send(response_id):
+                return False
+            text = _response_text(response_id, content, complete, fields or {})
+            if text is None or not await self._write(text, "response"):
+                return False
+            if complete:
+                self.ledger.complete(response_id)
+            return True
+
+    async def send_frame(self, frame: OutboundFrame) -> bool:
+        """Send a frame that belongs to no response (config, pong, tool
+        bookkeeping, agent_interrupt, update_agent, metadata); True if it went out."""
+        async with self._send_lock:
+            if self.lifecycle.closed:
+                return False
+            try:
+                text = encode(frame)
+            except Exception:
+                logger.exception("could not encode a %s frame; not sent", frame.response_type)
+                return False
+            return await self._write(text, frame.response_type)
+
+    async def _write(self, text: str, kind: str) -> bool:
+        # Called with the send lock held. A socket that died under us ends the
+        # call quietly: the read loop sees the close next and tears the session down.
+        try:
+            await self._transport.send_text(text)
+        except Exception as exc:
+            self.lifecycle.to(CallState.CLOSED)
+            logger.info("socket closed while sending %s: %r", kind, exc)
+            return False
+        return True
+
+    async def _stop_tasks(self) -> None:
+        tasks = [t for t in (self._turn, self._begin, self._hook) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        # Side-effecting tools are never cut short; their results are stored for a reconnect.
+        await self.runner.aclose()
+
+
+def _response_text(
+    response_id: int, content: str, complete: bool, fields: dict[str, Any]
+) -> str | None:
+    """The ``response`` frame's text. A frame that cannot be built is a bug (a bad
+    action value, say) and is logged; a final frame is then rebuilt without its
+    extras, so the response still completes: dead air is the worse outcome."""
+    attempts = [(content, fields)]
+    if complete:
+        attempts += [(content, {}), ("", {})]
+    for text, extra in attempts:
+        try:
+            return encode(
+                ResponseFrame(
+                    response_id=response_id, content=text, content_complete=complete, **extra
+                )
+            )
+        except Exception:
+            logger.exception(
+                "response %d: could not build a frame%s",
+                response_id,
+                "; sending it without its extras" if complete else "; not sent",
+            )
+    return None
+
+
+def _last_caller_text(transcript: list[Utterance]) -> str:
+    for utterance in reversed(transcript):
+        if not utterance.is_agent and utterance.content.strip():
+            return utterance.content.strip()
+        if utterance.is_agent and utterance.content.strip():
+            return ""
+    return ""

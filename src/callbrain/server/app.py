@@ -1,0 +1,148 @@
+"""The ASGI app: Retell's WebSocket route, a health check, and Retell's webhooks.
+
+``create_app(agent)`` returns a small Starlette app. Run it with uvicorn (the
+``callbrain serve`` command does, with the settings in
+:mod:`callbrain.server.process`), or mount it inside an existing FastAPI or
+Starlette app::
+
+    api = FastAPI()
+    api.mount("/retell", create_app(Agent.from_yaml("clinic.yaml")))
+    # Retell URL: wss://host/retell/llm-websocket
+
+A mounted app's lifespan is not run by its parent, so the model is also created
+lazily on the first call; the lifespan only pre-loads it when it can. Under
+your own uvicorn, pass ``proxy_headers=False``: who may set the client address
+is the ``trusted_proxies`` setting's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from callbrain.agent import Agent
+from callbrain.call.control import CallHook
+from callbrain.call.record import CallObserver, Observers
+from callbrain.call.session import CLOSE_INTERNAL_ERROR, CallSession
+from callbrain.llm import LLM
+from callbrain.logs import call_id_var
+from callbrain.server.access import AccessGuard
+from callbrain.server.runtime import AgentRuntime
+from callbrain.server.transport import StarletteTransport
+from callbrain.server.webhooks import WebhookHandler, webhook_routes
+from callbrain.stores import Store
+
+logger = logging.getLogger("callbrain.server")
+
+DEFAULT_PREFIX = "/llm-websocket"
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+def create_app(
+    agent: Agent,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    llm: LLM | None = None,
+    store: Store | None = None,
+    on_call_start: CallHook | None = None,
+    on_webhook: WebhookHandler | None = None,
+    observers: Sequence[CallObserver] = (),
+) -> Starlette:
+    """An ASGI app serving ``agent`` at ``{prefix}/{call_id}``, plus ``GET /healthz``.
+
+    Pass ``llm`` to supply a ready model client (shared, or customised in code);
+    otherwise one is built from ``agent.llm``. ``store`` keeps what each call
+    knows for a reconnect and side-effecting tools' results (default: in
+    memory, or Redis with ``server.store.redis_url``). ``on_call_start`` is run
+    for every call with its :class:`~callbrain.call.control.CallControl`, e.g.
+    to start a background job that speaks up (``agent_interrupt``) when it is
+    done. ``observers`` are told about every call and turn as they go (see
+    :mod:`callbrain.call.record`). With ``server.webhooks.api_key`` set,
+    ``POST server.webhooks.path`` takes Retell's signed call events and hands
+    verified ones to ``on_webhook`` (or the file's ``server.webhooks.handler``).
+    """
+    runtime = AgentRuntime(agent, llm, store, Observers(list(observers)))
+    webhooks = webhook_routes(agent, on_webhook)  # a bad handler reference fails here
+    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    guard = AccessGuard(agent.server.access)
+
+    async def llm_websocket(websocket: WebSocket) -> None:
+        # Secret, address and max_calls, before accept: a refusal is a bare HTTP 403.
+        if not await guard.admit(websocket, active_calls=runtime.active_calls):
+            return
+        call_id = websocket.path_params["call_id"]
+        token = call_id_var.set(call_id)
+        if runtime.draining:
+            logger.warning("refused a call: the server is shutting down")
+            await websocket.close(CLOSE_TRY_AGAIN_LATER)  # before accept: HTTP 403
+            call_id_var.reset(token)
+            return
+        runtime.active_calls += 1
+        try:
+            await websocket.accept()
+            try:
+                model = await runtime.get_llm()
+            except Exception:
+                logger.exception("cannot start the model for this call")
+                await websocket.close(CLOSE_INTERNAL_ERROR)
+                return
+            session = CallSession(
+                agent,
+                model,
+                StarletteTransport(websocket),
+                call_id,
+                toolbox=runtime.toolbox,
+                on_call_start=on_call_start,
+                limits=agent.server.access,
+                store=runtime.store,
+                observers=runtime.observers,
+            )
+            runtime.add_session(session)
+            try:
+                await session.run()
+            finally:
+                runtime.remove_session(session)
+        finally:
+            runtime.active_calls -= 1
+            call_id_var.reset(token)
+
+    async def healthz(request: Request) -> JSONResponse:
+        # 503 while draining, so a load balancer sends new calls elsewhere.
+        status = "draining" if runtime.draining else "ok"
+        return JSONResponse(
+            {"status": status, "agent": agent.name, "active_calls": runtime.active_calls},
+            status_code=503 if runtime.draining else 200,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        model = await runtime.start()  # an unreachable store or a broken model fails here
+        logger.info("agent %r ready on %s/%s", agent.name, model.provider, model.model)
+        try:
+            yield
+        finally:
+            await runtime.aclose()
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute(prefix + "/{call_id}", llm_websocket),
+            # Retell's URL may be wss://host/llm-websocket/<secret>; it appends /{call_id}.
+            *(
+                [WebSocketRoute(prefix + "/{secret}/{call_id}", llm_websocket)]
+                if guard.has_secret
+                else []
+            ),
+            Route("/healthz", healthz),
+            *webhooks,
+        ],
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    return app

@@ -1,0 +1,129 @@
+"""What one agent's calls share: its tools, its model client, the store, the
+observers, and the sessions in progress (which is what a drain works on).
+
+Tools are built at once, so a broken reference fails the start-up. The model
+is built (unless one was given) and warmed up once, before the first call that
+needs it. A model passed in belongs to the caller and is not closed here.
+
+A drain happens here, in one place: stop taking calls, let those in progress
+go on for a while, then have each session finish its open turn
+(:meth:`~callbrain.call.session.CallSession.finish_turns`). Dropping the
+sockets that are still open is the process's part
+(:mod:`callbrain.server.process`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from callbrain.agent import Agent
+from callbrain.call.conversation import build_chat_request, render_template
+from callbrain.call.record import Observers
+from callbrain.call.session import CallSession
+from callbrain.llm import LLM, ChatRequest, create_llms
+from callbrain.retell.frames import Utterance
+from callbrain.stores import GuardedStore, Store, open_store
+from callbrain.tools.idempotency import ResultStore
+from callbrain.tools.runner import Toolbox
+
+logger = logging.getLogger("callbrain.server")
+
+
+class AgentRuntime:
+    """The shared state of one agent's calls (see the module docstring)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        llm: LLM | None = None,
+        store: Store | None = None,
+        observers: Observers | None = None,
+    ) -> None:
+        self.agent = agent
+        settings = agent.server.store
+        self.backend: Store = store or open_store(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            max_bytes=int(settings.max_memory_mb * 2**20),
+        )
+        self._owns_store = store is None
+        self.store = GuardedStore(self.backend, ttl_s=settings.ttl_s, timeout_s=settings.timeout_s)
+        self.toolbox = Toolbox(agent.build_tools(), ResultStore(self.store))
+        self.observers = observers or Observers()
+        self._given = llm
+        self._ready: LLM | None = None
+        self._lock = asyncio.Lock()
+        self.sessions: set[CallSession] = set()
+        self.active_calls = 0
+        """Sockets admitted and not yet closed (counted from before the model is ready)."""
+        self.draining = False
+        """Set by :meth:`drain`: health turns 503 and new calls are refused."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> LLM:
+        """Check the store and load the model: a server that cannot serve calls
+        fails here, at start-up, not on its first call."""
+        await self.backend.ping()
+        return await self.get_llm()
+
+    async def get_llm(self) -> LLM:
+        if self._ready is None:
+            async with self._lock:
+                if self._ready is None:
+                    llm = self._given or create_llms([self.agent.llm, *self.agent.fallback_llms])
+                    try:
+                        await llm.warmup(self._typical_request())
+                    except BaseException:
+                        if self._given is None:
+                            await llm.aclose()
+                        raise
+                    self._ready = llm
+        return self._ready
+
+    def _typical_request(self) -> ChatRequest:
+        """The agent's first turn as most calls will send it, for prefix caches."""
+        greeting, _ = render_template(self.agent.begin_message, self.agent.dynamic_variables)
+        request, _ = build_chat_request(
+            system_prompt=self.agent.system_prompt,
+            transcript=[Utterance(role="agent", content=greeting)] if greeting.strip() else [],
+            variables=self.agent.dynamic_variables,
+            max_messages=self.agent.max_history_messages,
+            tools=[tool.spec for tool in self.toolbox.tools.values()],
+        )
+        return request
+
+    def add_session(self, session: CallSession) -> None:
+        self.sessions.add(session)
+        self._idle.clear()
+
+    def remove_session(self, session: CallSession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
+
+    async def drain(self, timeout: float, *, grace: float = 10.0) -> int:
+        """Stop taking calls; let those in progress go on for up to ``timeout`` s,
+        then finish their open turns (each may take ``grace`` s more to end by
+        itself). Returns how many calls were still up; their sockets stay open
+        for the caller to close or drop."""
+        self.draining = True
+        logger.info("draining: %d call(s) in progress, up to %.0f s", len(self.sessions), timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        left = list(self.sessions)
+        if left:
+            logger.info("drain time is up; finishing the open turns of %d call(s)", len(left))
+            await asyncio.gather(*(s.finish_turns(grace) for s in left))
+        return len(left)
+
+    async def aclose(self) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None and self._given is None:
+            await ready.aclose()
+        await self.toolbox.aclose()
+        if self._owns_store:
+            await self.backend.aclose()
