@@ -6,6 +6,12 @@ For many calls of one kind (a bench), the rule can come first instead:
 ``/stale_frame/llm-websocket/{any call id}``.
 The protocol checker, ``callbrain test`` and ``callbrain bench`` are tested
 against it: a checker that cannot catch a broken server is no checker.
+
+It misbehaves on events, not on timing: the stale server streams its old
+answer on only once the newer answer has started (so the stale frames are
+provably stale, however slow the machine), and every answer ends with a
+``metadata`` frame ``{"finished": <response_id>}``, which a test waits for
+instead of sleeping.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class _Call:
         self.mode = mode
         self.turn: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
+        self.newer_spoke = asyncio.Event()
+        """Set once an answer has spoken after superseding another (the stale mode's cue)."""
+        self.superseding = False
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         async with self.lock:
@@ -87,11 +96,12 @@ class _Call:
             await self.send({"response_type": "ping_pong", "timestamp": stamp})
         elif kind in ("response_required", "reminder_required"):
             # The stale server is the official demos' bug: the old answer keeps going.
+            self.superseding = self.turn is not None and not self.turn.done()
             if self.turn is not None and self.mode != "stale_frame":
                 self.turn.cancel()
-            self.turn = asyncio.create_task(self.answer(frame["response_id"]))
+            self.turn = asyncio.create_task(self.answer(frame["response_id"], self.superseding))
 
-    async def answer(self, rid: int) -> None:
+    async def answer(self, rid: int, superseding: bool) -> None:
         def frame(content: str, complete: bool, **extra: Any) -> dict[str, Any]:
             base = {"response_type": "response", "response_id": rid, "content": content}
             return {**base, "content_complete": complete, **extra}
@@ -112,19 +122,23 @@ class _Call:
         }
         if mode in special:
             await self.send(special[mode])
-        delay = 0.15 if mode == "stale_frame" else 0.01
-        for chunk in _CHUNKS:
+        for index, chunk in enumerate(_CHUNKS):
             await self.send(frame(chunk, False))
-            await asyncio.sleep(delay)
-        if mode == "turn_incomplete":
-            return
-        await self.send(frame("", True))
+            if superseding:
+                self.newer_spoke.set()
+            if mode == "stale_frame" and index == 0 and not superseding:
+                await self.newer_spoke.wait()  # stream on once the newer answer has started
+            await asyncio.sleep(0)
+        if mode != "turn_incomplete":
+            await self.send(frame("", True))
         if mode == CLOSES:
             await self.ws.close(1011)
+            return
         if mode == "duplicate_complete":
             await self.send(frame("", True))
         if mode == "frame_after_complete":
             await self.send(frame("One more thing.", False))
+        await self.send({"response_type": "metadata", "metadata": {"finished": rid}})
 
 
 async def _endpoint(ws: WebSocket) -> None:

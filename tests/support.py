@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
+from callbrain.agent import Agent
 from callbrain.llm import LLM, AnthropicConfig, ChatChunk, ChatRequest, Message, OpenAIConfig
 from callbrain.llm.anthropic import AnthropicLLM
 from callbrain.llm.openai import OpenAILLM
@@ -68,3 +70,32 @@ def has_null(value: object) -> bool:
     if isinstance(value, list):
         return any(has_null(v) for v in value)
     return False
+
+
+def llm_config(fake: FakeLLMServer, **options: Any) -> OpenAIConfig | AnthropicConfig:
+    """The model settings that point at ``fake`` in its own wire format: a test
+    key and no SDK retries (a test that wants them says so in ``options``)."""
+    name = "anthropic" if isinstance(fake, FakeAnthropicServer) else "openai"
+    fields = {"provider": name, "base_url": fake.base_url, "api_key": "test-key", "max_retries": 0}
+    config = BACKENDS[name].config.model_validate({**fields, **options})
+    assert isinstance(config, OpenAIConfig | AnthropicConfig)
+    return config
+
+
+def agent_on(fake: FakeLLMServer, *, llm: dict[str, Any] | None = None, **fields: Any) -> Agent:
+    """An agent whose model is ``fake``; ``fields`` are the agent's own settings
+    and ``llm`` extra model settings (timeouts, model name)."""
+    defaults: dict[str, Any] = {"name": "test", "begin_message": "Hello."}
+    return Agent(**{**defaults, "llm": llm_config(fake, **(llm or {})), **fields})
+
+
+def openai_tools(*tools: tuple[str, str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``tools`` parameter the chat-completions API expects, for (name,
+    description, parameters) triples: the payload spelled out once."""
+    return [
+        {
+            "type": "function",
+            "function": {"name": name, "description": description, "parameters": parameters},
+        }
+        for name, description, parameters in tools
+    ]

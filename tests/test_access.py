@@ -23,12 +23,12 @@ from typing import Any
 import orjson
 import pytest
 from starlette.applications import Starlette
+from support import agent_on
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from callbrain.agent import Agent, AgentConfigError
 from callbrain.call.conversation import fit_transcript
-from callbrain.llm.config import OpenAIConfig
 from callbrain.retell.frames import ResponseRequired, parse_inbound
 from callbrain.server.access import AccessGuard, RejectionLimiter, parse_address
 from callbrain.server.app import create_app
@@ -49,9 +49,8 @@ async def fake() -> AsyncIterator[FakeOpenAIServer]:
 
 
 def make_agent(fake: FakeOpenAIServer, **access: Any) -> Agent:
-    llm = OpenAIConfig(provider="openai", base_url=fake.base_url, api_key="sk-test", max_retries=0)
     server = ServerSettings(access=AccessSettings.model_validate(access))
-    return Agent(name="acl", begin_message="Hi.", llm=llm, server=server)
+    return agent_on(fake, name="acl", begin_message="Hi.", server=server)
 
 
 @contextlib.asynccontextmanager

@@ -23,11 +23,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.text import Text
+from support import agent_on
 from websockets.asyncio.server import ServerConnection, serve
 
 from callbrain.agent import Agent
 from callbrain.call.control import CallControl
-from callbrain.llm import OpenAIConfig
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_agent
 from callbrain.testing.chat import ChatCall, ConsoleOutput
 from callbrain.testing.client import agent, user
@@ -97,15 +97,8 @@ def make_agent(fake: FakeOpenAIServer, **overrides: Any) -> Agent:
             {"type": "transfer_call", "number": "+14155550100"},
             {"type": "press_digit"},
         ],
-        "llm": OpenAIConfig(
-            provider="openai",
-            model="test-model",
-            base_url=fake.base_url,
-            api_key="test-key",
-            max_retries=0,
-        ),
     }
-    return Agent(**{**fields, **overrides})
+    return agent_on(fake, llm={"model": "test-model"}, **{**fields, **overrides})
 
 
 @contextlib.asynccontextmanager

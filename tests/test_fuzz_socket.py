@@ -54,6 +54,7 @@ from typing import Any, Literal, TypeVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import agent_on
 
 from callbrain.agent import Agent, RetellConfig
 from callbrain.llm.config import OpenAIConfig
@@ -382,19 +383,13 @@ class LiveCall:
 
     async def open(self, agent_options: dict[str, Any]) -> None:
         fake = await self._stack.enter_async_context(FakeOpenAIServer(default=reply_for))
-        llm = OpenAIConfig(
-            provider="openai",
-            model="fuzz",
-            base_url=fake.base_url,
-            api_key="test-key",
-            max_retries=0,
-        )
-        agent = Agent(
+        agent = agent_on(
+            fake,
+            llm={"model": "fuzz"},
             name="fuzz",
             system_prompt="You are {{persona}}, talking to {{first_name}}.",
             begin_message="Hello {{first_name}}.",
             fallback_message=FALLBACK,
-            llm=llm,
             **agent_options,
         )
         self.greets_at_once = not agent.wait_for_call_details

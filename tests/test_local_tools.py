@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import openai_tools
 
 from callbrain.llm import (
     ChatChunk,
@@ -165,24 +166,10 @@ def test_tools_are_sent_in_openai_form_only_when_the_request_has_some() -> None:
     with_tools = llm._body(ChatRequest(SYSTEM, (Message("user", "Hi"),), TOOLS))
 
     assert "tools" not in plain
-    assert with_tools["tools"] == [
-        {
-            "type": "function",
-            "function": {
-                "name": "book_visit",
-                "description": "Book a dental visit.",
-                "parameters": TOOLS[0].parameters,
-            },
-        },
-        {
-            "type": "function",
-            "function": {
-                "name": "end_call",
-                "description": "Hang up.",
-                "parameters": {"type": "object", "properties": {}},
-            },
-        },
-    ]
+    assert with_tools["tools"] == openai_tools(
+        ("book_visit", "Book a dental visit.", TOOLS[0].parameters),
+        ("end_call", "Hang up.", {"type": "object", "properties": {}}),
+    )
     asyncio.run(llm.aclose())
 
 

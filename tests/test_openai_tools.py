@@ -12,7 +12,15 @@ import openai
 import pytest
 from conftest import MakeLLM
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
-from support import BACKENDS, REQUEST, RemoteBackend, collect, has_null, in_module_loop
+from support import (
+    BACKENDS,
+    REQUEST,
+    RemoteBackend,
+    collect,
+    has_null,
+    in_module_loop,
+    openai_tools,
+)
 
 from callbrain.llm import (
     ChatRequest,
@@ -144,24 +152,10 @@ async def test_tools_are_sent_only_when_given(fake: FakeLLMServer, make_llm: Mak
     assert chunks == [TextDelta("OK."), Usage(12, 7)]
     without, with_tools = (r.body for r in fake.requests)
     assert "tools" not in without
-    assert with_tools["tools"] == [
-        {
-            "type": "function",
-            "function": {
-                "name": "book_table",
-                "description": "Book a table.",
-                "parameters": TOOLS[0].parameters,
-            },
-        },
-        {
-            "type": "function",
-            "function": {
-                "name": "weather",
-                "description": "Today's weather.",
-                "parameters": {"type": "object", "properties": {}},
-            },
-        },
-    ]
+    assert with_tools["tools"] == openai_tools(
+        ("book_table", "Book a table.", TOOLS[0].parameters),
+        ("weather", "Today's weather.", {"type": "object", "properties": {}}),
+    )
     assert not {"tool_choice", "parallel_tool_calls"} & with_tools.keys()
     assert not has_null(with_tools)
 

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import agent_on
 
 from callbrain.agent import Agent
 from callbrain.call.control import CallControl
-from callbrain.llm.config import OpenAIConfig
 from callbrain.server.app import create_app
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_asgi
 from callbrain.testing.serve import free_port
@@ -45,17 +45,11 @@ def _no_bookings() -> Iterator[None]:
 
 
 def make_agent(fake: FakeOpenAIServer, redis: str | None = None, **fields: Any) -> Agent:
-    llm = OpenAIConfig(provider="openai", base_url=fake.base_url, api_key="k", max_retries=0)
     server = {"store": {"redis_url": redis}} if redis else {}
-    return Agent(
-        name="reconnect",
-        begin_message="Hi, Sunrise Clinic.",
-        tools=[book],
-        holding_messages=[],
-        llm=llm,
-        server=server,
-        **fields,
-    )
+    return agent_on(
+        fake, begin_message="Hi, Sunrise Clinic.", tools=[book], holding_messages=[],
+        server=server, **fields,
+    )  # fmt: skip
 
 
 def ws_url(http: str) -> str:

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 from fastapi import FastAPI
+from support import agent_on
 from websockets.asyncio.client import connect
 
 from callbrain import create_app
@@ -22,8 +23,7 @@ from callbrain.testing.serve import serve_asgi
 
 
 def agent_for(fake: FakeOpenAIServer, **llm: object) -> Agent:
-    config = {"provider": "openai", "base_url": fake.base_url, "api_key": "sk-test", **llm}
-    return Agent(name="srv", begin_message="Hi.", llm=OpenAIConfig.model_validate(config))
+    return agent_on(fake, name="srv", begin_message="Hi.", llm=llm)
 
 
 async def get_json(url: str) -> dict[str, object]:

@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from support import agent_on
 
 from callbrain.agent import Agent, RetellConfig
-from callbrain.llm.config import OpenAIConfig
+from callbrain.server.app import create_app
 from callbrain.testing.agent_server import serve_agent
 from callbrain.testing.client import RetellClient
 from callbrain.testing.fake_llm import FakeOpenAIServer, Reply
+from callbrain.testing.serve import serve_asgi
 
 FALLBACK = "Sorry, one moment, could you repeat that?"
 
@@ -31,25 +33,18 @@ async def fake() -> AsyncIterator[FakeOpenAIServer]:
 
 
 def make_agent(fake: FakeOpenAIServer, **overrides: Any) -> Agent:
-    llm = OpenAIConfig(
-        provider="openai",
-        model="gpt-test",
-        base_url=fake.base_url,
-        api_key="sk-test",
-        max_retries=0,
-        first_token_timeout_s=overrides.pop("first_token_timeout_s", 5.0),
-        idle_timeout_s=overrides.pop("idle_timeout_s", 5.0),
-    )
+    timeouts = {
+        "model": "gpt-test",
+        "first_token_timeout_s": overrides.pop("first_token_timeout_s", 5.0),
+        "idle_timeout_s": overrides.pop("idle_timeout_s", 5.0),
+    }
     fields: dict[str, Any] = {
-        "name": "test",
         "system_prompt": "You are {{persona}} talking to {{first_name}}.",
         "begin_message": "Hello {{first_name}}!",
         "dynamic_variables": {"first_name": "there", "persona": "Ava"},
         "fallback_message": FALLBACK,
-        "llm": llm,
     }
-    fields.update(overrides)
-    return Agent(**fields)
+    return agent_on(fake, llm=timeouts, **{**fields, **overrides})
 
 
 @contextlib.asynccontextmanager
@@ -161,17 +156,20 @@ async def test_a_request_before_the_greeting_supersedes_it(fake: FakeOpenAIServe
 # ------------------------------------------------------------------- keep-alive
 
 
-async def test_ping_is_answered_while_a_generation_is_pending(fake: FakeOpenAIServer) -> None:
-    fake.script(Reply("Eventually.", ttft=3.0))
-    async with start_call(make_agent(fake)) as call:
+async def test_ping_is_answered_while_a_generation_is_streaming(fake: FakeOpenAIServer) -> None:
+    # The reply streams two chunks and then stalls: the turn is busy in the middle
+    # of its stream for as long as the test likes.
+    fake.script(Reply(["We ", "open ", "at ", "nine."], stall_after=2))
+    agent = make_agent(fake, first_token_filler_after_s=None, idle_timeout_s=30.0)
+    async with start_call(agent) as call:
         await greeted_call(call)
-        rid = await call.say("Are you there?")
-        await fake.wait_for_requests(1)
+        rid = await call.say("When do you open?")
+        await call.wait_for(lambda _: call.response_turn(rid).text == "We open ")
         await call.ping(timestamp=1703302407333)
         pong = [f for f in call.frames if f["response_type"] == "ping_pong"]
         assert pong == [{"response_type": "ping_pong", "timestamp": 1703302407333}]
-        # The pong came back before any content of the pending response.
-        assert call.response_turn(rid).frames == []
+        # The pong came back while the turn was still mid-stream, not after it.
+        assert call.response_turn(rid).completes == 0
 
 
 # ------------------------------------------------------------------------ turns
@@ -429,12 +427,24 @@ async def test_no_frame_carries_null(fake: FakeOpenAIServer) -> None:
                 assert isinstance(frame["content_complete"], bool)
 
 
-async def test_socket_closing_mid_turn_stops_the_session_quietly(fake: FakeOpenAIServer) -> None:
+async def test_socket_closing_mid_turn_stops_the_session_quietly(
+    fake: FakeOpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
     fake.script(Reply("Slow answer", ttft=30))
-    async with serve_agent(make_agent(fake)) as url:
+    app = create_app(make_agent(fake))
+    runtime = app.state.runtime
+    caplog.set_level(logging.INFO)
+    async with serve_asgi(app) as http:
+        url = "ws" + http.removeprefix("http") + "/llm-websocket"
         async with RetellClient.connect(url, "call-x") as call:
             await greeted_call(call)
             await call.say("Hello?")
             await fake.wait_for_requests(1)
+            assert runtime.active_calls == 1
         await fake.wait_for_outcome(0, "client_disconnected", timeout=3)
-        await asyncio.sleep(0)
+        await asyncio.wait_for(runtime.idle.wait(), 5)
+        assert runtime.active_calls == 0 and not runtime.sessions
+    # Quietly: a caller hanging up mid-turn is routine, not a warning or an error.
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == []
+    assert "call ended (hangup)" in caplog.text

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from support import llm_config
 
 from callbrain.agent import Agent, example_agent_path
-from callbrain.llm.config import AnthropicConfig
 from callbrain.testing import FakeAnthropicServer, Reply, RetellClient, serve_agent
 
 
@@ -17,14 +17,7 @@ async def call() -> AsyncIterator[tuple[RetellClient, FakeAnthropicServer]]:
         agent = Agent.from_yaml(example_agent_path()).model_copy(
             update={
                 "wait_for_call_details": False,
-                "llm": AnthropicConfig(
-                    provider="anthropic",
-                    model="claude-test",
-                    base_url=fake.base_url,
-                    api_key="sk-ant-test",
-                    max_retries=0,
-                    max_tokens=300,
-                ),
+                "llm": llm_config(fake, model="claude-test", max_tokens=300),
             }
         )
         async with serve_agent(agent) as url, RetellClient.connect(url) as client:

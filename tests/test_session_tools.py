@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from support import BACKENDS, RemoteBackend, in_module_loop
+from support import BACKENDS, RemoteBackend, in_module_loop, llm_config
 
 from callbrain.agent import Agent, RetellConfig
 from callbrain.call.control import CallControl
@@ -150,15 +150,7 @@ def clinic() -> Clinic:
 def make_agent(
     backend: RemoteBackend, fake: FakeLLMServer, clinic: Clinic, **overrides: Any
 ) -> Agent:
-    llm = backend.config.model_validate(
-        {
-            "provider": backend.name,
-            "model": "test-model",
-            "base_url": fake.base_url,
-            "api_key": "test-key",
-            "max_retries": 0,
-        }
-    )
+    llm = llm_config(fake, model="test-model")
     fields: dict[str, Any] = {
         "name": "test",
         "system_prompt": "You are a clinic receptionist.",

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import agent_on
 from websockets.exceptions import InvalidStatus
 
 from callbrain.agent import Agent
-from callbrain.llm.config import OpenAIConfig
 from callbrain.server.app import create_app
 from callbrain.testing import FakeOpenAIServer, Reply, RetellClient, serve_asgi
 from callbrain.testing.serve import free_port
@@ -27,8 +27,7 @@ WORDS = ["We ", "are ", "open ", "from ", "nine ", "to ", "five ", "on ", "weekd
 
 
 def make_agent(fake: FakeOpenAIServer) -> Agent:
-    llm = OpenAIConfig(provider="openai", base_url=fake.base_url, api_key="k", max_retries=0)
-    return Agent(name="drain", begin_message="Hello.", llm=llm)
+    return agent_on(fake, name="drain")
 
 
 def health(http_url: str) -> tuple[int, str]:

@@ -35,6 +35,8 @@ class Problem:
 
     where: str
     what: str
+    unknown_key: str | None = None
+    """For an unknown key: the key itself (``where`` is the object holding it)."""
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}" if self.where else self.what
@@ -85,7 +87,7 @@ def problems(
                 what += f" (did you mean {close[0]!r}?)"
             elif known:
                 what += f" (valid keys: {', '.join(sorted(known))})"
-            found.append(Problem(where, what))
+            found.append(Problem(where, what, key))
         elif kind == "missing":
             found.append(Problem(location(loc, model, root=root), "required but missing"))
         else:

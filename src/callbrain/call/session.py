@@ -75,6 +75,7 @@ from callbrain.retell.ledger import BEGIN_ID, ResponseLedger
 from callbrain.server.settings import AccessSettings
 from callbrain.stores.guard import GuardedStore
 from callbrain.stores.memory import MemoryStore
+from callbrain.tools.idempotency import ResultStore
 from callbrain.tools.runner import Toolbox, ToolRun, ToolRunner
 
 logger = logging.getLogger("callbrain.call")
@@ -120,8 +121,9 @@ class CallSession:
         tags: dict[str, Any] | None = None,
     ) -> None:
         """``toolbox`` and ``store`` are shared by the server's calls (by default
-        this call gets the agent's tools, built now, and a private in-memory
-        store, which no reconnect can reach); ``on_call_start`` runs as a task
+        this call gets the agent's tools, built now, with their results in
+        ``store``, and ``store`` is a private in-memory one, which no reconnect
+        can reach); ``on_call_start`` runs as a task
         once the call is up; ``limits`` (frame and transcript size, inactivity)
         default to the agent's ``server.access``; ``observers`` are told about
         the call and each turn as they go (records, metrics, traces)."""
@@ -138,8 +140,11 @@ class CallSession:
         self.tool_history: list[ToolExchange] = []
         self.control = CallControl(call_id, self, self.variables, lambda: self.call)
         self.control.on_change = self._remember
+        store = store or GuardedStore(MemoryStore(), ttl_s=agent.server.store.ttl_s)
+        if toolbox is None:
+            toolbox = Toolbox(agent.build_tools(), ResultStore(store))
         self.runner = ToolRunner(
-            toolbox=toolbox if toolbox is not None else Toolbox(agent.build_tools()),
+            toolbox=toolbox,
             control=self.control,
             send=self.send_frame,
             record=self._record_tool_run,
@@ -148,7 +153,6 @@ class CallSession:
         self._observers = observers or Observers()
         self._on_call_start = on_call_start
         self._limits = limits if limits is not None else agent.server.access
-        store = store or GuardedStore(MemoryStore(), ttl_s=agent.server.store.ttl_s)
         self._memory = MemoryKeeper(store, call_id)
         self._sockets = 1
         self._turns: dict[int, TurnRecord] = {}

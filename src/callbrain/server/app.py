@@ -84,7 +84,7 @@ def create_app(
             await websocket.close(CLOSE_TRY_AGAIN_LATER)  # before accept: HTTP 403
             call_id_var.reset(token)
             return
-        runtime.active_calls += 1
+        runtime.call_opened()
         try:
             await websocket.accept()
             try:
@@ -104,13 +104,13 @@ def create_app(
                 store=runtime.store,
                 observers=runtime.observers,
             )
-            runtime.add_session(session)
+            runtime.sessions.add(session)
             try:
                 await session.run()
             finally:
-                runtime.remove_session(session)
+                runtime.sessions.discard(session)
         finally:
-            runtime.active_calls -= 1
+            runtime.call_closed()
             call_id_var.reset(token)
 
     async def healthz(request: Request) -> JSONResponse:

@@ -60,8 +60,9 @@ class AgentRuntime:
         """Sockets admitted and not yet closed (counted from before the model is ready)."""
         self.draining = False
         """Set by :meth:`drain`: health turns 503 and new calls are refused."""
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.idle = asyncio.Event()
+        """Set while no call is in progress."""
+        self.idle.set()
 
     async def start(self) -> LLM:
         """Check the store and load the model: a server that cannot serve calls
@@ -95,14 +96,15 @@ class AgentRuntime:
         )
         return request
 
-    def add_session(self, session: CallSession) -> None:
-        self.sessions.add(session)
-        self._idle.clear()
+    def call_opened(self) -> None:
+        """A socket was admitted (before its session exists: the model may still load)."""
+        self.active_calls += 1
+        self.idle.clear()
 
-    def remove_session(self, session: CallSession) -> None:
-        self.sessions.discard(session)
-        if not self.sessions:
-            self._idle.set()
+    def call_closed(self) -> None:
+        self.active_calls -= 1
+        if self.active_calls == 0:
+            self.idle.set()
 
     async def drain(self, timeout: float, *, grace: float = 10.0) -> int:
         """Stop taking calls; let those in progress go on for up to ``timeout`` s,
@@ -113,7 +115,7 @@ class AgentRuntime:
         logger.info("draining: %d call(s) in progress, up to %.0f s", len(self.sessions), timeout)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self._idle.wait()
+                await self.idle.wait()
         left = list(self.sessions)
         if left:
             logger.info("drain time is up; finishing the open turns of %d call(s)", len(left))

@@ -28,10 +28,10 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from callbrain.retell.frames import PING_INTERVAL_S
 from callbrain.testing.checker import ProtocolChecker, TurnRecord
 from callbrain.testing.client import RetellClient
 
-_PING_INTERVAL_S = 2.0
 _LINES = (
     "Hi, I'd like to book an appointment for next week.",
     "What time do you open on Saturday?",
@@ -176,7 +176,7 @@ async def _converse(
     first = await call.next_frame(timeout=options.reply_timeout_s)
     if first.get("response_type") == "config" and first.get("config", {}).get("call_details"):
         await call.send_call_details({"call_id": "bench", "call_type": "web_call"})
-    call.start_pinging(_PING_INTERVAL_S)
+    call.start_pinging(PING_INTERVAL_S)
     checker = call.checker
     with contextlib.suppress(TimeoutError):
         await call.wait_for(_completed(checker.begin), options.reply_timeout_s)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 from websockets.exceptions import ConnectionClosed
 
+from callbrain.retell.frames import PING_INTERVAL_S
 from callbrain.testing.checker import RULES, ProtocolChecker
 from callbrain.testing.client import Frame, agent, user
 
@@ -150,7 +151,7 @@ class ChatCall:
         *,
         call_id: str = "chat-call",
         dynamic_variables: dict[str, str] | None = None,
-        ping_interval: float = 2.0,
+        ping_interval: float = PING_INTERVAL_S,
         ping_timeout: float = 5.0,
     ) -> None:
         self.connection = connection

@@ -26,7 +26,9 @@ from typing import Any, TypeGuard
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from callbrain.errors import describe
 from callbrain.retell.frames import (
+    MAX_ID,
     AgentInterruptFrame,
     ConfigFrame,
     MetadataFrame,
@@ -293,11 +295,7 @@ class ProtocolChecker:
         try:
             model.model_validate(known, strict=True)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<frame>'}: {err['msg']}"
-                for err in exc.errors(include_url=False)[:3]
-            )
-            self._violate("invalid_frame", problems, at, rid)
+            self._violate("invalid_frame", describe(exc, model, limit=3), at, rid)
 
     def _all_turns(self) -> list[TurnRecord]:
         return [self.begin, *self.turns.values()]
@@ -313,7 +311,7 @@ class ProtocolChecker:
 
 def _is_id(value: object) -> TypeGuard[int]:
     """A JSON integer the protocol accepts as an id or timestamp (not a bool)."""
-    return type(value) is int and 0 <= value < 2**63
+    return type(value) is int and 0 <= value <= MAX_ID
 
 
 def _is_action(key: str, value: object) -> bool:

@@ -27,6 +27,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from callbrain.retell.frames import PING_INTERVAL_S
 from callbrain.testing.checker import ProtocolChecker
 
 Frame = dict[str, Any]
@@ -277,7 +278,7 @@ class RetellClient:
         await self.wait_for(echoed, timeout)
         return time.monotonic() - start
 
-    def start_pinging(self, interval: float = 2.0) -> None:
+    def start_pinging(self, interval: float = PING_INTERVAL_S) -> None:
         """Send ``ping_pong`` every ``interval`` seconds without waiting for the echo."""
         self.stop_pinging()
         self._pinger = asyncio.create_task(self._ping_every(interval))

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from callbrain.errors import describe
 from callbrain.testing.fake_llm import FakeToolCall, Reply
 
 
@@ -173,11 +174,7 @@ def load_scenario(path: Path) -> Scenario:
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors(include_url=False)[:5]
-        )
-        raise ScenarioError(f"{path}: {problems}") from None
+        raise ScenarioError(f"{path}: {describe(exc, Scenario)}") from None
     return scenario if scenario.name else scenario.model_copy(update={"name": path.stem})
 
 

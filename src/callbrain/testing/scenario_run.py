@@ -18,11 +18,11 @@ from typing import Any
 
 import orjson
 
+from callbrain.retell.frames import PING_INTERVAL_S
 from callbrain.testing.checker import Frame, TurnRecord
 from callbrain.testing.client import RetellClient, agent, user
 from callbrain.testing.scenario import CallerTurn, Expect, Scenario, Silence, ToolExpectation
 
-_PING_INTERVAL_S = 2.0
 _UPDATES_PER_UTTERANCE = 4
 """At most this many ``update_only`` frames while the caller speaks."""
 
@@ -119,7 +119,7 @@ class ScenarioRunner:
             await call.send_call_details({"call_id": scenario.call_id, **scenario.call})
         pings = scenario.pings if scenario.pings is not None else config.get("auto_reconnect")
         if pings is True:
-            call.start_pinging(_PING_INTERVAL_S)
+            call.start_pinging(PING_INTERVAL_S)
         await self._wait_for_greeting(result)
         for index, step in enumerate(scenario.steps):
             if self.ended:

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from callbrain.errors import describe
 from callbrain.retell.actions import E164
 from callbrain.tools.base import Tool
 from callbrain.tools.builtin import EndCallTool, PressDigitTool, TransferCallTool
@@ -164,7 +165,8 @@ def build_tools(entries: Sequence[ToolConfig | Tool | Mapping[str, Any]]) -> dic
             try:
                 entry = _CONFIG.validate_python(entry)
             except ValidationError as exc:
-                raise ValueError(f"invalid tool declaration {dict(entry)!r}: {exc}") from None
+                problems = describe(exc, PythonToolConfig)
+                raise ValueError(f"invalid tool declaration {dict(entry)!r}: {problems}") from None
         tool = entry if isinstance(entry, Tool) else build_tool(entry)
         if tool.name in tools:
             raise ValueError(f"two tools are named {tool.name!r}; tool names must be unique")

@@ -38,6 +38,7 @@ import docstring_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.errors import PydanticUserError
 
+from callbrain import errors
 from callbrain.tools.arguments import arguments_error
 from callbrain.tools.base import DEFAULT_TIMEOUT_S, Tool, ToolContext
 
@@ -139,23 +140,13 @@ class FunctionTool(Tool, Generic[P, R]):
     def _problems(self, exc: ValidationError) -> list[tuple[str, str]]:
         names = ", ".join(p.name for p in self._params if p.field is not None) or "none"
         problems = []
-        for error in exc.errors(include_url=False):
-            where = _location(error["loc"])
-            if error["type"] == "missing":
-                what = "required but missing"
-            elif error["type"] == "extra_forbidden":
+        for problem in errors.problems(exc):
+            where, what = problem.where, problem.what
+            if problem.unknown_key is not None:
+                where = f"{where}.{problem.unknown_key}" if where else problem.unknown_key
                 what = f"not a parameter of this tool (its parameters: {names})"
-            else:
-                what = error["msg"]
-            problems.append((where, what))
+            problems.append((where or "arguments", what))
         return problems
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    where = ""
-    for part in loc:
-        where += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return where.removeprefix(".") or "arguments"
 
 
 def _arguments_model(
