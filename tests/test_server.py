@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -12,9 +13,9 @@ from support import agent_on
 from websockets.asyncio.client import connect
 
 from callbrain import create_app
-from callbrain.agent import Agent
+from callbrain.agent import Agent, AgentConfigError
 from callbrain.llm import ChatRequest, TextDelta
-from callbrain.llm.config import OpenAIConfig
+from callbrain.llm.config import LocalConfig, OpenAIConfig
 from callbrain.llm.openai import OpenAILLM
 from callbrain.testing.agent_server import serve_agent
 from callbrain.testing.client import RetellClient
@@ -69,31 +70,29 @@ async def test_the_call_id_path_segment_is_required() -> None:
                 pass
 
 
-async def test_a_model_that_cannot_start_closes_with_1011_not_1000(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    # Mounted, so the parent does not run the lifespan that would refuse to start:
-    # the model is built on the first call, and fails there.
-    agent = Agent(llm=OpenAIConfig(provider="openai"))
+async def test_a_model_that_cannot_start_closes_with_1011_not_1000(tmp_path: Path) -> None:
+    # Not a GGUF file: the model client is built, but loading it on the first call fails.
+    # Mounted, so the parent does not run the lifespan that would load it at start-up.
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a model")
+    agent = Agent(llm=LocalConfig(provider="local", model_path=str(bogus)))
     api = FastAPI()
     api.mount("/x", create_app(agent))
     async with serve_asgi(api) as http:
         url = "ws" + http.removeprefix("http") + "/x/llm-websocket"
         async with RetellClient.connect(url, "c") as call:
-            await call.wait_for(lambda _: call.closed, timeout=5)
+            await call.wait_for(lambda _: call.closed, timeout=15)
         assert call.close_code == 1011
         assert call.frames == []
 
 
-async def test_startup_fails_loudly_without_an_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_api_key_fails_create_app_with_the_variable_to_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    app = create_app(Agent(llm=OpenAIConfig(provider="openai")))
-    with pytest.raises(RuntimeError, match="failed to start"):
-        async with serve_asgi(app):
-            pass
+    with pytest.raises(AgentConfigError, match=r"llm: .*OPENAI_API_KEY environment variable"):
+        create_app(Agent(llm=OpenAIConfig(provider="openai")))
 
 
 async def test_a_model_passed_in_is_shared_and_left_open() -> None:

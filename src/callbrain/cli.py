@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
@@ -68,7 +69,7 @@ def serve(
         # Built now so a tool that does not import fails here, not on a call.
         application = create_app(definition, prefix=prefix)
     except AgentConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     route = "/" + prefix.strip("/") if prefix.strip("/") else ""
     # A placeholder: the secret itself never goes to the terminal (or its scrollback).
@@ -234,7 +235,7 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

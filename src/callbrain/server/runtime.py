@@ -1,8 +1,10 @@
 """What one agent's calls share: its tools, its model client, the store, the
 observers, and the sessions in progress (which is what a drain works on).
 
-Tools are built at once, so a broken reference fails the start-up. The model
-is built (unless one was given) and warmed up once, before the first call that
+Tools and the model client are built at once (unless a model was given), so
+a broken tool reference, a missing API key or model file, or a missing extra
+fails ``create_app`` with an :class:`~callbrain.errors.AgentConfigError`, before
+anything is served. The model is warmed up once, before the first call that
 needs it. A model passed in belongs to the caller and is not closed here.
 
 A drain happens here, in one place: stop taking calls, let those in progress
@@ -22,13 +24,23 @@ from callbrain.agent import Agent
 from callbrain.call.conversation import build_chat_request, render_template
 from callbrain.call.record import Observers
 from callbrain.call.session import CallSession
-from callbrain.llm import LLM, ChatRequest, create_llms
+from callbrain.errors import AgentConfigError
+from callbrain.extras import MissingExtraError
+from callbrain.llm import LLM, ChatRequest, LLMError, create_llms
 from callbrain.retell.frames import Utterance
 from callbrain.stores import GuardedStore, Store, open_store
 from callbrain.tools.idempotency import ResultStore
 from callbrain.tools.runner import Toolbox
 
 logger = logging.getLogger("callbrain.server")
+
+
+def _build_llm(agent: Agent) -> LLM:
+    """The agent's model client (and its fallbacks), or the configuration error."""
+    try:
+        return create_llms([agent.llm, *agent.fallback_llms])
+    except (ValueError, LLMError, MissingExtraError) as exc:
+        raise AgentConfigError(f"agent {agent.name!r}: llm: {exc}") from exc
 
 
 class AgentRuntime:
@@ -52,8 +64,9 @@ class AgentRuntime:
         self.store = GuardedStore(self.backend, ttl_s=settings.ttl_s, timeout_s=settings.timeout_s)
         self.toolbox = Toolbox(agent.build_tools(), ResultStore(self.store))
         self.observers = observers or Observers()
-        self._given = llm
-        self._ready: LLM | None = None
+        self._owns_llm = llm is None
+        self.llm = llm if llm is not None else _build_llm(agent)
+        self._ready = False
         self._lock = asyncio.Lock()
         self.sessions: set[CallSession] = set()
         self.active_calls = 0
@@ -71,18 +84,13 @@ class AgentRuntime:
         return await self.get_llm()
 
     async def get_llm(self) -> LLM:
-        if self._ready is None:
+        """The model, warmed up once (by the first caller; the others wait)."""
+        if not self._ready:
             async with self._lock:
-                if self._ready is None:
-                    llm = self._given or create_llms([self.agent.llm, *self.agent.fallback_llms])
-                    try:
-                        await llm.warmup(self._typical_request())
-                    except BaseException:
-                        if self._given is None:
-                            await llm.aclose()
-                        raise
-                    self._ready = llm
-        return self._ready
+                if not self._ready:
+                    await self.llm.warmup(self._typical_request())
+                    self._ready = True
+        return self.llm
 
     def _typical_request(self) -> ChatRequest:
         """The agent's first turn as most calls will send it, for prefix caches."""
@@ -123,9 +131,8 @@ class AgentRuntime:
         return len(left)
 
     async def aclose(self) -> None:
-        ready, self._ready = self._ready, None
-        if ready is not None and self._given is None:
-            await ready.aclose()
+        if self._owns_llm:
+            await self.llm.aclose()
         await self.toolbox.aclose()
         if self._owns_store:
             await self.backend.aclose()

@@ -24,15 +24,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from callbrain.extras import missing_extra
 from callbrain.server.app import DEFAULT_PREFIX
 from callbrain.testing.bench import LoadOptions, LoadReport, run_load
 from callbrain.testing.serve import free_port
+
+try:
+    import psutil
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise missing_extra("testing", "callbrain bench") from exc
 
 _READY_TIMEOUT_S = 60.0
 

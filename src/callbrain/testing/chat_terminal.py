@@ -23,6 +23,7 @@ from rich.text import Text
 from websockets.exceptions import WebSocketException
 
 from callbrain.agent import Agent, AgentConfigError, example_agent_path
+from callbrain.extras import missing_extra
 from callbrain.testing.agent_server import serve_agent
 from callbrain.testing.chat import ChatCall, ChatOutput, ConsoleOutput, lstrip
 from callbrain.testing.client import RetellClient, websocket_url
@@ -239,9 +240,12 @@ class _PromptOutput:
 
 async def _run_prompt(make_chat: Callable[[ChatOutput], ChatCall]) -> int:
     # Imported here: prompt_toolkit costs every other callbrain command ~0.2 s to import.
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.formatted_text import ANSI
-    from prompt_toolkit.patch_stdout import patch_stdout
+    try:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.formatted_text import ANSI
+        from prompt_toolkit.patch_stdout import patch_stdout
+    except ImportError as exc:
+        raise missing_extra("testing", "callbrain chat on a terminal") from exc
 
     # erase_when_done: the core echoes the caller's line itself, after marking the
     # reply it cut into as interrupted, so the scrollback reads in spoken order.
