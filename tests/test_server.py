@@ -52,8 +52,11 @@ async def test_healthz_counts_active_calls() -> None:
 
 async def test_custom_prefix_and_mounting_in_fastapi() -> None:
     async with FakeOpenAIServer(Reply("Mounted and working.")) as fake:
-        api = FastAPI()
-        api.mount("/retell", create_app(agent_for(fake), prefix="/brain"))
+        retell = create_app(agent_for(fake), prefix="/brain")
+        # A parent does not run a mounted app's lifespan: run it from the parent's
+        # (as the app's docstring says), so the model loads and closes with the server.
+        api = FastAPI(lifespan=lambda _: retell.router.lifespan_context(retell))
+        api.mount("/retell", retell)
         async with serve_asgi(api) as http:
             base = "ws" + http.removeprefix("http") + "/retell/brain"
             async with RetellClient.connect(base, "call-42") as call:

@@ -3,16 +3,18 @@
 ``create_app(agent)`` returns a small Starlette app. Run it with uvicorn (the
 ``callbrain serve`` command does, with the settings in
 :mod:`callbrain.server.process`), or mount it inside an existing FastAPI or
-Starlette app::
+Starlette app, running its lifespan from yours::
 
-    api = FastAPI()
-    api.mount("/retell", create_app(Agent.from_yaml("clinic.yaml")))
+    retell = create_app(Agent.from_yaml("clinic.yaml"))
+    api = FastAPI(lifespan=lambda _: retell.router.lifespan_context(retell))
+    api.mount("/retell", retell)
     # Retell URL: wss://host/retell/llm-websocket
 
-A mounted app's lifespan is not run by its parent, so the model is also created
-lazily on the first call; the lifespan only pre-loads it when it can. Under
-your own uvicorn, pass ``proxy_headers=False``: who may set the client address
-is the ``trusted_proxies`` setting's business.
+A parent does not run a mounted app's lifespan by itself. Without it the model
+is still warmed up on the first call, but the store is not checked at start-up
+and the model client is not closed at shutdown. Under your own uvicorn, pass
+``proxy_headers=False``: who may set the client address is the
+``trusted_proxies`` setting's business.
 """
 
 from __future__ import annotations
