@@ -56,7 +56,7 @@ async def test_a_drain_finishes_the_open_turn_between_chunks_and_refuses_new_cal
                 rid = await call.say("When are you open?")
                 await call.wait_for(lambda _: len(call.checker.turns[rid].text) > 0)
                 drain = asyncio.create_task(runtime.drain(0.3, grace=0.3))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0)  # one loop turn: the drain task starts and marks itself
                 status, body = await asyncio.to_thread(health, http)
                 assert status == 503 and '"draining"' in body
                 with pytest.raises(InvalidStatus):
@@ -100,24 +100,26 @@ async def test_sigterm_drains_callbrain_serve_and_exits_cleanly(tmp_path: Path) 
             "--port", str(port), "--log-level", "info",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
+        seen: list[bytes] = []
+
+        async def log_line(marker: bytes) -> None:
+            """Read the server's log until a line with ``marker`` (events, not sleeps)."""
+            assert proc.stdout is not None
+            while marker not in (line := await proc.stdout.readline()):
+                assert line, b"".join(seen).decode() + "\nthe server exited"
+                seen.append(line)
+            seen.append(line)
+
         try:
             http = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                if proc.returncode is not None:
-                    break
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    break
-                except OSError:
-                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(log_line(b"Uvicorn running on"), 60)
             async with RetellClient.connect(f"ws://127.0.0.1:{port}/llm-websocket", "c1") as call:
                 await call.expect_config()
                 await call.expect_begin()
                 rid = await call.say("When are you open?")
                 await call.wait_for(lambda _: len(call.checker.turns[rid].text) > 0)
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
+                await asyncio.wait_for(log_line(b"draining: 1 call(s) in progress"), 10)
                 status, _ = await asyncio.to_thread(health, http)
                 assert status == 503
                 turn = await call.response(rid, timeout=10)
@@ -126,7 +128,8 @@ async def test_sigterm_drains_callbrain_serve_and_exits_cleanly(tmp_path: Path) 
                 # Retell answers by reconnecting; a close code would end the call.
                 await call.wait_for(lambda _: call.closed, timeout=10)
                 assert call.close_code == 1006
-            output, _ = await asyncio.wait_for(proc.communicate(), 20)
+            rest, _ = await asyncio.wait_for(proc.communicate(), 20)
+            output = b"".join(seen) + rest
         finally:
             if proc.returncode is None:
                 proc.kill()
