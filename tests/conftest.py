@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -62,8 +63,25 @@ async def make_llm(backend: RemoteBackend, fake: FakeLLMServer) -> AsyncIterator
         await llm.aclose()
 
 
+class RedisServer:
+    """A private ``redis-server`` process; :meth:`paused` freezes it like a stalled host."""
+
+    def __init__(self, url: str, process: asyncio.subprocess.Process) -> None:
+        self.url = url
+        self.process = process
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """SIGSTOP until the block ends: connections stay open, nothing answers."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+
 @pytest_asyncio.fixture
-async def redis_url() -> AsyncIterator[str]:
+async def redis_server() -> AsyncIterator[RedisServer]:
     """A private redis-server on a free port, for this test only."""
     binary = shutil.which("redis-server")
     if binary is None:
@@ -82,7 +100,13 @@ async def redis_url() -> AsyncIterator[str]:
                 writer.close()
                 break
             await asyncio.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield RedisServer(f"redis://127.0.0.1:{port}/0", proc)
     finally:
+        proc.send_signal(signal.SIGCONT)
         proc.terminate()
         await proc.wait()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url

@@ -10,6 +10,7 @@ into a failure.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,10 +47,8 @@ def _no_bookings() -> Iterator[None]:
 
 def make_agent(fake: FakeOpenAIServer, redis: str | None = None, **fields: Any) -> Agent:
     server = {"store": {"redis_url": redis}} if redis else {}
-    return agent_on(
-        fake, begin_message="Hi, Sunrise Clinic.", tools=[book], holding_messages=[],
-        server=server, **fields,
-    )  # fmt: skip
+    defaults = {"begin_message": "Hi, Sunrise Clinic.", "tools": [book], "holding_messages": []}
+    return agent_on(fake, server=server, **{**defaults, **fields})
 
 
 def ws_url(http: str) -> str:
@@ -158,3 +157,106 @@ async def test_an_unreachable_redis_fails_the_start_up() -> None:
         with pytest.raises(RuntimeError, match="failed to start"):
             async with serve_asgi(app):
                 pass
+
+
+class Gate:
+    """A side-effecting tool that holds its booking until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.started_again = asyncio.Event()
+        self.release = asyncio.Event()
+        self.runs = 0
+
+
+GATE = Gate()
+
+
+@tool(side_effects=True)
+async def book_slowly(day: str) -> str:
+    """Book an appointment (slowly).
+
+    Args:
+        day: The day.
+    """
+    GATE.runs += 1
+    (GATE.started if GATE.runs == 1 else GATE.started_again).set()
+    await GATE.release.wait()
+    BOOKINGS.append(day)
+    return f"Booked for {day}, reference R{len(BOOKINGS)}."
+
+
+class LogEvent(logging.Handler):
+    """Sets an event when a log line with ``text`` is emitted (no polling the log)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+async def test_a_reconnect_to_another_instance_waits_for_the_booking_still_running(
+    redis_url: str,
+) -> None:
+    global GATE
+    GATE = Gate()
+    waiting = LogEvent("the same run is in progress elsewhere")
+    tools_log = logging.getLogger("callbrain.tools")
+    tools_log.addHandler(waiting)
+    level = tools_log.level
+    tools_log.setLevel(logging.INFO)
+    try:
+        await reconnect_during_a_booking(redis_url, waiting)
+    finally:
+        tools_log.removeHandler(waiting)
+        tools_log.setLevel(level)
+    assert BOOKINGS == ["tuesday"] and GATE.runs == 1
+
+
+async def reconnect_during_a_booking(redis_url: str, waiting: LogEvent) -> None:
+    async with FakeOpenAIServer() as fake:
+        agent = make_agent(fake, redis_url, tools=[book_slowly])
+        fake.script(
+            Reply("", tool_calls=[FakeToolCall("book_slowly", {"day": "tuesday"})]),
+            # On the new instance the model, unsure, asks for the same booking.
+            Reply("", tool_calls=[FakeToolCall("book_slowly", {"day": "tuesday"})]),
+            Reply("You're booked for Tuesday."),
+        )
+        async with (
+            serve_asgi(create_app(agent)) as first,
+            serve_asgi(create_app(agent)) as second,
+        ):
+            async with RetellClient.connect(ws_url(first), "call-7") as call:
+                await call.expect_config()
+                await call.expect_begin()
+                await call.say("Book me for Tuesday.")
+                await GATE.started.wait()
+            # The socket dropped mid-booking; Retell reconnects to the other instance.
+            async with RetellClient.connect(ws_url(second), "call-7") as call:
+                await call.expect_config()
+                await call.expect_begin()
+                rid = await call.say("Hello? Did it work?")
+                # Either the second instance waits for the first one's run (right),
+                # or it starts a second booking (the bug the run lock prevents).
+                outcome = asyncio.ensure_future(
+                    asyncio.wait(
+                        [
+                            asyncio.ensure_future(waiting.seen.wait()),
+                            asyncio.ensure_future(GATE.started_again.wait()),
+                        ],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                )
+                await asyncio.wait_for(outcome, 10)
+                assert not GATE.started_again.is_set(), "booked twice across instances"
+                GATE.release.set()  # only now does the first instance's booking finish
+                turn = await call.response(rid)
+                assert turn.text == "You're booked for Tuesday." and turn.completes == 1
+                results = [f for f in call.frames if f["response_type"] == "tool_call_result"]
+                assert [r["successful"] for r in results] == [True]
+                assert "reference R1" in results[0]["content"]
+                assert "was not repeated" in results[0]["content"]

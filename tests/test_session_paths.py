@@ -27,7 +27,7 @@ from callbrain.testing.harness import (
     session,
     tool_call,
 )
-from callbrain.tools import ToolContext, tool
+from callbrain.tools import ResultStore, Toolbox, ToolContext, tool
 
 FALLBACK = "Sorry, could you say that again?"
 
@@ -97,11 +97,22 @@ class WatchedStore(MemoryStore):
         await super().set(key, value, ttl_s=ttl_s)
 
 
-class FailingWrites(MemoryStore):
-    """Reads work, writes fail: the result of a booking cannot be stored."""
+class FlakyWrites(MemoryStore):
+    """Reads work; the first ``failures`` writes of results fail (a read-only replica
+    for a moment)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
 
     async def set(self, key: str, value: bytes, *, ttl_s: float) -> None:
-        raise ConnectionError("READONLY You can't write against a read only replica.")
+        if key.startswith("result:") and self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("READONLY You can't write against a read only replica.")
+        await super().set(key, value, ttl_s=ttl_s)
+
+    def stored_keys(self) -> list[str]:
+        return list(self._entries)
 
 
 # ------------------------------------------------------------------ the basics
@@ -195,31 +206,31 @@ async def test_a_frame_that_cannot_be_encoded_is_skipped_and_the_response_still_
     assert "could not build a frame" in caplog.text
 
 
-async def test_a_hanging_store_costs_its_time_limit_and_the_turn_still_completes() -> None:
+async def test_a_hanging_store_never_books_blind_and_the_turn_still_completes() -> None:
     booked: list[str] = []
 
-    @tool(side_effects=True)
+    @tool(side_effects=True, timeout_s=0.3)
     def book(day: str) -> str:
         """Book a visit."""
         booked.append(day)
         return f"Booked {day}."
 
+    # Nobody can tell whether another instance is booking this right now: waiting
+    # for the store is bounded by the tool's timeout, and then nothing is booked.
     store = GuardedStore(HangingStore(), ttl_s=60, timeout_s=0.05)
-    llm = ScriptedLLM([tool_call("book", '{"day":"Tue"}')], ["You're booked."])
+    llm = ScriptedLLM([tool_call("book", '{"day":"Tue"}')], ["Sorry, please try again."])
     async with session(make_agent(tools=[book]), llm, store=store) as (call, wire):
         await opened(wire)
         wire.push(request(1))
         frames = await wire.until_complete(1)
-    assert booked == ["Tue"] and completes(wire, 1) == 1
-    assert [f["content"] for f in frames if f["response_type"] == "tool_call_result"] == [
-        "Booked Tue."
-    ]
+    assert booked == [] and completes(wire, 1) == 1
+    [result] = [f for f in frames if f["response_type"] == "tool_call_result"]
+    assert result["successful"] is False and "Nothing was done" in result["content"]
+    assert wire.said(1) == "Sorry, please try again."
     assert call.lifecycle.closed and store.failures >= 1
 
 
-async def test_a_result_that_cannot_be_stored_is_kept_and_never_booked_twice(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_a_result_the_store_cannot_take_yet_is_kept_retried_and_never_booked_twice() -> None:
     booked: list[str] = []
 
     @tool(side_effects=True)
@@ -228,21 +239,27 @@ async def test_a_result_that_cannot_be_stored_is_kept_and_never_booked_twice(
         booked.append(day)
         return f"Booked {day}."
 
-    store = GuardedStore(FailingWrites(), ttl_s=60)
+    backend = FlakyWrites(failures=3)
+    store = GuardedStore(backend, ttl_s=60)
+    toolbox = Toolbox({"book": book}, ResultStore(store))
     call = tool_call("book", '{"day":"Tue"}')
     llm = ScriptedLLM([call], ["Booked."], [tool_call("book", '{"day":"Tue"}', "c2")], ["Done."])
-    async with session(make_agent(tools=[book]), llm, store=store) as (session_, wire):
+    agent = make_agent(tools=[book])
+    async with session(agent, llm, store=store, toolbox=toolbox) as (session_, wire):
         await opened(wire)
         wire.push(request(1, "Book Tuesday."))
         first = await wire.until_complete(1)
         wire.push(request(2, "Did that work? Book it again."))
         second = await wire.until_complete(2)
+    await toolbox.aclose()  # the background store retries are over
     assert booked == ["Tue"]  # the repeat was answered from the call's own history
     results = [f for f in first + second if f["response_type"] == "tool_call_result"]
     assert [r["successful"] for r in results] == [True, True]
     assert "was not repeated" in results[1]["content"]
     assert len(session_.tool_history) == 2
-    assert "could not be stored" in caplog.text
+    # Stored in the end, and the run lock let go once it was.
+    stored = [k for k in backend.stored_keys() if k.startswith("result:")]
+    assert len(stored) == 1 and not [k for k in backend.stored_keys() if k.startswith("lock:")]
 
 
 async def test_a_reset_mid_tool_lets_the_booking_finish_for_the_reconnect() -> None:

@@ -153,7 +153,7 @@ class CallSession:
         self._observers = observers or Observers()
         self._on_call_start = on_call_start
         self._limits = limits if limits is not None else agent.server.access
-        self._memory = MemoryKeeper(store, call_id)
+        self._memory = MemoryKeeper(store, call_id, on_restored=self._resume_late)
         self._sockets = 1
         self._turns: dict[int, TurnRecord] = {}
         self._transcript_cut = False  # the first cut is a warning, later ones debug
@@ -451,17 +451,29 @@ class CallSession:
         as one (a reconnect must not greet again)."""
         memory = await self._memory.load()
         if memory is not None:
-            self._sockets = memory.sockets + 1
-            if memory.call is not None:
-                self._take_call_details(memory.call)
-            self.tool_history = list(memory.tool_history)
-            self.control.interrupt_id = memory.interrupt_id
-            self.control.overrides = dict(memory.agent_overrides)
-            logger.info(
-                "call resumed on socket %d: %d tool result(s) restored",
-                self._sockets,
-                len(self.tool_history),
-            )
+            self._resume(memory)
+        self._remember()
+
+    def _resume(self, memory: CallMemory) -> None:
+        """Take what earlier sockets of this call knew, keeping what this one has
+        learnt meanwhile (the store may answer late, see :class:`MemoryKeeper`)."""
+        self._sockets = max(self._sockets, memory.sockets + 1)
+        self.record.socket_number = self._sockets
+        if memory.call is not None and self.call is None:
+            self._take_call_details(memory.call)
+        known = {exchange.call.id for exchange in memory.tool_history}
+        mine = [exchange for exchange in self.tool_history if exchange.call.id not in known]
+        self.tool_history = [*memory.tool_history, *mine]
+        self.control.interrupt_id = max(self.control.interrupt_id, memory.interrupt_id)
+        self.control.overrides = {**memory.agent_overrides, **self.control.overrides}
+        logger.info(
+            "call resumed on socket %d: %d tool result(s) restored",
+            self._sockets,
+            len(memory.tool_history),
+        )
+
+    def _resume_late(self, memory: CallMemory) -> None:
+        self._resume(memory)
         self._remember()
 
     def _remember(self) -> None:

@@ -59,6 +59,11 @@ class GuardedStore:
         """The value; None if there is none or the store failed."""
         return await self._guard("get", key, lambda: self.store.get(key), None)
 
+    async def read(self, key: str) -> tuple[bool, bytes | None]:
+        """``(True, value or None)``, or ``(False, None)`` if the store failed: for a
+        caller to whom "nothing there" and "could not look" are different things."""
+        return await self._guard("get", key, lambda: _found(self.store.get(key)), (False, None))
+
     async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
         """Write ``value``; False if the store failed."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
@@ -106,3 +111,7 @@ class GuardedStore:
 async def _true(work: Awaitable[None]) -> bool:
     await work
     return True
+
+
+async def _found(work: Awaitable[bytes | None]) -> tuple[bool, bytes | None]:
+    return True, await work

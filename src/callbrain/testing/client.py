@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -304,3 +306,15 @@ class RetellClient:
     async def close(self) -> None:
         self.stop_pinging()
         await self._ws.close()
+
+    def reset(self) -> None:
+        """Lose the connection abruptly, as a network failure does: a TCP reset,
+        no close frame (the server sees 1006). Retell reconnects after this; a
+        polite :meth:`close` is a hang-up instead."""
+        self.stop_pinging()
+        transport = self._ws.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: closing sends RST at once instead of FIN.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()

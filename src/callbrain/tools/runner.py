@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from callbrain.call.control import CallControl
 from callbrain.llm.chat import ToolCall, ToolOutput
@@ -45,12 +45,22 @@ logger = logging.getLogger("callbrain.tools")
 REPLAY_NOTE = (
     " (This was already done earlier in this call with the same details; it was not repeated.)"
 )
+NOT_RUN = (
+    "Error: {tool} was not run: the system that makes sure it runs only once did not answer. "
+    "Nothing was done; ask the caller to try again in a moment."
+)
+LOCK_MARGIN_S = 30.0
+"""How long a run lock outlives the tool's timeout: time to store the result."""
+STORE_RETRY_S = 30.0
+"""How long a result that could not be stored is retried in the background."""
+
+RunKind = Literal["ran", "stored", "refused"]
 
 
 @dataclass(slots=True)
 class Toolbox:
-    """What the calls of one server share: the tools, the idempotency store, and
-    the side-effecting runs in progress.
+    """What the calls of one server share: the tools, the result store, and the
+    side-effecting runs in progress.
 
     Runs in progress are shared, not per socket, because Retell reconnects a
     dropped call on a new socket: a booking still running for the old socket
@@ -61,12 +71,39 @@ class Toolbox:
     store: ResultStore = field(
         default_factory=lambda: ResultStore(GuardedStore(MemoryStore(), ttl_s=6 * 3600))
     )
-    inflight: dict[str, asyncio.Task[tuple[StoredResult, bool]]] = field(default_factory=dict)
+    inflight: dict[str, asyncio.Task[tuple[StoredResult, RunKind]]] = field(default_factory=dict)
+    keeping: set[asyncio.Task[None]] = field(default_factory=set)
+    """Results being stored in the background (retried while the store fails)."""
+
+    def keep(self, key: str, result: StoredResult, tool: str) -> None:
+        """Store ``result`` and then let go of its run lock, in the background: the
+        caller hears the result at once, however slow the store."""
+        task = asyncio.get_running_loop().create_task(self._keep(key, result, tool))
+        self.keeping.add(task)
+        task.add_done_callback(self.keeping.discard)
+
+    async def _keep(self, key: str, result: StoredResult, tool: str) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + STORE_RETRY_S
+        delay = 0.1
+        while not await self.store.put(key, result):
+            if loop.time() >= give_up:
+                logger.warning(
+                    "%s: its result could not be stored (kept in this call's history only)",
+                    tool,
+                )
+                return  # the lock is left to expire: no other instance runs it meanwhile
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        await self.store.release(key)
 
     async def aclose(self) -> None:
-        """Wait for side-effecting runs still in flight, then release the tools."""
+        """Wait for side-effecting runs still in flight and their results to be
+        stored, then release the tools."""
         if self.inflight:
             await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+        if self.keeping:
+            await asyncio.gather(*self.keeping, return_exceptions=True)
         for tool in self.tools.values():
             await tool.aclose()
 
@@ -99,12 +136,13 @@ class ToolRunner:
         """``send`` writes a frame if the call is connected; ``record(run, anchor)``
         adds a finished run to the call's history at transcript position ``anchor``."""
         self.tools = toolbox.tools
+        self._toolbox = toolbox
         self._store = toolbox.store
         self._inflight = toolbox.inflight
         self._control = control
         self._send = send
         self._record = record
-        self._mine: set[asyncio.Task[tuple[StoredResult, bool]]] = set()
+        self._mine: set[asyncio.Task[tuple[StoredResult, RunKind]]] = set()
         self._done: dict[str, StoredResult] = {}
         """This call's side-effecting results by key: the answer to a repeat even
         when the store could not keep them."""
@@ -158,11 +196,11 @@ class ToolRunner:
         else:
             logger.info("%s: same arguments as a run in progress; waiting for it", tool.name)
         # shield: a barge-in cancels the turn waiting here, not the tool.
-        result, ran = await asyncio.shield(task)
-        if owner and ran:
+        result, how = await asyncio.shield(task)
+        if owner and how == "ran":
             # The run recorded and reported itself.
             return _run_of(call, result, duration_s=time.perf_counter() - started)
-        return await self._finish(call, result, anchor, started, replayed=True)
+        return await self._finish(call, result, anchor, started, replayed=how != "refused")
 
     async def _run_side_effect(
         self,
@@ -172,28 +210,59 @@ class ToolRunner:
         context: ToolContext,
         anchor: int,
         key: str,
-    ) -> tuple[StoredResult, bool]:
-        """The stored result (False), or the one real run's (True). A real run
+    ) -> tuple[StoredResult, RunKind]:
+        """The one real run's result (``ran``), an earlier run's (``stored``), or
+        an error when this instance may not run it (``refused``). A real run
         records and reports itself, as the turn that asked may be gone by now."""
         try:
-            stored = await self._store.get(key)
-            if stored is not None:
-                self._done[key] = stored
-                return stored, False
+            outcome = await self._claim(tool, key)
+            if outcome is not None:
+                if outcome[1] == "stored":
+                    self._done[key] = outcome[0]
+                return outcome
             started = time.perf_counter()
             result = await _execute(tool, arguments, context)
-            # Failures are not kept: the caller may ask to try again.
             if result.successful:
                 self._done[key] = result
-                if not await self._store.put(key, result):
-                    logger.warning(
-                        "%s: its result could not be stored (kept in this call's history)",
-                        tool.name,
-                    )
+                self._toolbox.keep(key, result, tool.name)
+            else:
+                # Failures are not kept (the caller may ask to try again): let go now.
+                await self._store.release(key)
             await self._finish(call, result, anchor, started)
-            return result, True
+            return result, "ran"
         finally:
             self._inflight.pop(key, None)
+
+    async def _claim(self, tool: Tool, key: str) -> tuple[StoredResult, RunKind] | None:
+        """None once this instance holds the run lock for ``key``; otherwise the
+        stored result of a run elsewhere, or why it cannot run here.
+
+        A store that is down is retried until the tool's own timeout: running
+        without knowing whether another instance is running it could book twice,
+        and Redis paused for a few seconds should cost a wait, not a booking.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + tool.timeout_s
+        backoff = 0.05
+        while True:
+            stored = await self._store.get(key)
+            if stored is not None:
+                return stored, "stored"
+            claim = await self._store.claim(key, hold_s=tool.timeout_s + LOCK_MARGIN_S)
+            if claim == "mine":
+                return None
+            if loop.time() >= deadline:
+                break
+            if claim == "taken":
+                logger.info("%s: the same run is in progress elsewhere; waiting for it", tool.name)
+                waited = await self._store.wait(key, until=deadline)
+                if waited is not None:
+                    return waited, "stored"
+                continue  # the lock went without a result: that run failed; try ours
+            await asyncio.sleep(backoff)  # the store is unavailable: try again shortly
+            backoff = min(backoff * 2, 1.0)
+        logger.warning("%s: not run: the shared store could not confirm it runs once", tool.name)
+        return StoredResult(NOT_RUN.format(tool=tool.name), False), "refused"
 
     async def _finish(
         self,
