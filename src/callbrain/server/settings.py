@@ -55,6 +55,15 @@ class AccessSettings(_Settings):
     """A call that sends no frame at all (not even a ping) for this long is
     closed, so a peer that went quiet cannot hold a ``max_calls`` slot for ever."""
 
+    handshake_timeout_s: float = Field(default=5.0, gt=0)
+    """A connection must finish its request (a WebSocket upgrade: until it is
+    accepted or refused) within this long of being opened, or of its previous
+    response on a kept-alive connection; else it is closed. Retell's handshake
+    takes one round trip."""
+    max_pending_handshakes: int = Field(default=1000, ge=1)
+    """Connections that may be within their handshake at once; one more closes the
+    oldest. Never more than a quarter of the process's open-file limit."""
+
     _secret_not_blank = field_validator("secret")(_not_blank)
 
 
