@@ -78,6 +78,20 @@ class WebhookSettings(_Settings):
     """``module:function`` called with each verified event (sync or async)."""
     tolerance_s: float = Field(default=300.0, gt=0)
     """Events signed longer ago (or ahead) than this are refused as replays."""
+    max_body_bytes: int = Field(default=8_000_000, ge=1024)
+    """Larger bodies are refused (413). Retell's biggest event, ``call_analyzed`` for
+    a two-hour call (its longest) with its transcripts and tool calls, is ~4 MB."""
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    """The whole body must arrive within this long (else 408): Retell sends it at once."""
+    max_in_flight: int = Field(default=16, ge=1)
+    """Webhook requests handled at once; more are answered 503 at once (Retell
+    retries). With ``max_body_bytes``, bounds the memory bodies can take."""
+    handler_threads: int = Field(default=4, ge=1)
+    """Threads for a sync handler, its own (not the tools'). When all are busy (hung
+    handlers), events are answered 503 at once."""
+    handler_timeout_s: float = Field(default=8.0, gt=0)
+    """Then the event is answered 500 (Retell may retry). Below Retell's 10 s
+    webhook timeout, so it hears the answer."""
 
     _key_not_blank = field_validator("api_key")(_not_blank)
 
