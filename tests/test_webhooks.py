@@ -28,6 +28,7 @@ from starlette.types import ASGIApp
 from callbrain import create_app
 from callbrain.agent import Agent, AgentConfigError
 from callbrain.logs import call_id_var
+from callbrain.server.settings import WebhookSettings
 from callbrain.server.webhooks import WebhookEvent, webhook_endpoint
 from callbrain.signing import verify_retell_webhook
 from callbrain.testing.serve import serve_asgi
@@ -360,7 +361,7 @@ async def test_a_handler_that_hangs_is_a_500() -> None:
     async def handler(event: WebhookEvent) -> None:
         await release.wait()
 
-    endpoint = webhook_endpoint(KEY, handler, timeout_s=0.2)
+    endpoint = webhook_endpoint(KEY, handler, WebhookSettings(handler_timeout_s=0.2))
     app = Starlette(routes=[Route("/webhook", endpoint, methods=["POST"])])
     async with client_for(app) as client:
         response = await post(client, BODY, sdk_sign(BODY, KEY))
@@ -368,7 +369,7 @@ async def test_a_handler_that_hangs_is_a_500() -> None:
 
 
 async def test_an_oversized_body_is_a_413_before_any_check() -> None:
-    endpoint = webhook_endpoint(KEY, record_event, max_body_bytes=1000)
+    endpoint = webhook_endpoint(KEY, record_event, WebhookSettings(max_body_bytes=1024))
     app = Starlette(routes=[Route("/webhook", endpoint, methods=["POST"])])
     big = '{"event": "call_ended", "pad": "' + "x" * 2000 + '"}'
 

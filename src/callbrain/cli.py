@@ -18,7 +18,7 @@ from callbrain.agent import Agent, example_agent_path
 from callbrain.errors import AgentConfigError
 from callbrain.logs import configure_logging
 from callbrain.server.app import DEFAULT_PREFIX, create_app
-from callbrain.server.process import CallbrainServer, uvicorn_config
+from callbrain.server.process import CallbrainServer, raise_open_file_limit, uvicorn_config
 from callbrain.testing.chat_terminal import chat_command
 from callbrain.testing.fake_llm.command import fake_llm
 
@@ -94,8 +94,11 @@ def serve(
     # of `callbrain bench`). Frozen, they are never walked again.
     gc.collect()
     gc.freeze()
-    config = uvicorn_config(application, host=host, port=port, settings=definition.server)
     settings = definition.server
+    # Before the config: the share of descriptors half-open connections may take
+    # is worked out from the limit.
+    raise_open_file_limit(settings.access.max_pending_handshakes)
+    config = uvicorn_config(application, host=host, port=port, settings=settings)
     server = CallbrainServer(
         config,
         application.state.runtime,

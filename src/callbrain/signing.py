@@ -42,7 +42,7 @@ _CALLBRAIN = re.compile(r"t=([0-9]{1,20}),v1=([0-9a-f]{64})")
 def sign_tool_request(secret: str, body: bytes, timestamp_ms: int | None = None) -> str:
     """The ``X-Callbrain-Signature`` value for ``body`` sent at ``timestamp_ms`` (now)."""
     stamp = _now_ms() if timestamp_ms is None else timestamp_ms
-    return f"t={stamp},v1={_digest(secret, f'{stamp}.'.encode() + body)}"
+    return f"t={stamp},v1={_digest(secret, f'{stamp}.'.encode(), body)}"
 
 
 def verify_tool_request(
@@ -62,12 +62,12 @@ def verify_tool_request(
     stamp = int(match.group(1))
     if _skew(stamp, now_ms, tolerance_s) is not None:
         return False
-    return hmac.compare_digest(_digest(secret, f"{stamp}.".encode() + body), match.group(2))
+    return hmac.compare_digest(_digest(secret, f"{stamp}.".encode(), body), match.group(2))
 
 
 def retell_refusal(
     secret: str,
-    body: bytes,
+    body: bytes | bytearray,
     header: str | None,
     *,
     tolerance_s: float = 300,
@@ -75,27 +75,36 @@ def retell_refusal(
 ) -> str | None:
     """Why Retell's ``X-Retell-Signature`` ``header`` does not sign ``body`` with the
     webhook key ``secret`` (for the log, never the client), or None if it does."""
+    refusal = retell_header_refusal(header, tolerance_s=tolerance_s, now_ms=now_ms)
+    if refusal is not None:
+        return refusal
+    match = _RETELL.fullmatch(header) if isinstance(header, str) else None
+    if match is None or not secret or not isinstance(body, bytes | bytearray):
+        return "no key or no body to check"  # an empty key would let anyone sign
+    # The SDK signs (body_str + str(v)) encoded as UTF-8: the same bytes as these,
+    # with str(int) dropping any leading zeros of the header's digits as it does.
+    stamp = str(int(match.group(1))).encode()
+    if not hmac.compare_digest(_digest(secret, body, stamp), match.group(2)):
+        return "signature does not match the body"
+    return None
+
+
+def retell_header_refusal(
+    header: str | None, *, tolerance_s: float = 300, now_ms: int | None = None
+) -> str | None:
+    """What :func:`retell_refusal` can tell from the header alone (missing, malformed,
+    outside the replay window), so a request can be refused before its body is read."""
     if header is None:
         return "no X-Retell-Signature header"
     match = _RETELL.fullmatch(header) if isinstance(header, str) else None
     if match is None:
         return "malformed X-Retell-Signature header"
-    if not secret or not isinstance(body, bytes | bytearray):
-        return "no key or no body to check"  # an empty key would let anyone sign
-    stamp = int(match.group(1))
-    skew = _skew(stamp, now_ms, tolerance_s)
-    if skew is not None:
-        return skew
-    # The SDK signs (body_str + str(v)) encoded as UTF-8: the same bytes as these,
-    # with str(int) dropping any leading zeros of the header's digits as it does.
-    if not hmac.compare_digest(_digest(secret, bytes(body) + str(stamp).encode()), match.group(2)):
-        return "signature does not match the body"
-    return None
+    return _skew(int(match.group(1)), now_ms, tolerance_s)
 
 
 def verify_retell_webhook(
     secret: str,
-    body: bytes,
+    body: bytes | bytearray,
     header: str | None,
     *,
     tolerance_s: float = 300,
@@ -106,8 +115,12 @@ def verify_retell_webhook(
     return retell_refusal(secret, body, header, tolerance_s=tolerance_s, now_ms=now_ms) is None
 
 
-def _digest(secret: str, message: bytes) -> str:
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+def _digest(secret: str, *parts: bytes | bytearray) -> str:
+    # Part by part: joining them would copy a webhook body of megabytes.
+    mac = hmac.new(secret.encode(), digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(part)
+    return mac.hexdigest()
 
 
 def _now_ms() -> int:

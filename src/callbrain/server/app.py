@@ -36,6 +36,7 @@ from callbrain.call.session import CLOSE_INTERNAL_ERROR, CallSession
 from callbrain.llm import LLM
 from callbrain.logs import call_id_var
 from callbrain.server.access import AccessGuard
+from callbrain.server.handler_threads import HandlerThreads
 from callbrain.server.runtime import AgentRuntime
 from callbrain.server.transport import StarletteTransport
 from callbrain.server.webhooks import WebhookHandler, webhook_routes
@@ -71,7 +72,10 @@ def create_app(
     verified ones to ``on_webhook`` (or the file's ``server.webhooks.handler``).
     """
     runtime = AgentRuntime(agent, llm, store, Observers(list(observers)))
-    webhooks = webhook_routes(agent, on_webhook)  # a bad handler reference fails here
+    # Sync webhook handlers' own threads, never the calls' (hung ones must not starve tools).
+    handler_threads = HandlerThreads(agent.server.webhooks.handler_threads)
+    # A bad handler reference fails here.
+    webhooks = webhook_routes(agent, on_webhook, threads=handler_threads)
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     guard = AccessGuard(agent.server.access)
 
@@ -127,9 +131,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         model = await runtime.start()  # an unreachable store or a broken model fails here
         logger.info("agent %r ready on %s/%s", agent.name, model.provider, model.model)
+        handler_threads.start()
         try:
             yield
         finally:
+            handler_threads.shutdown()
             await runtime.aclose()
 
     app = Starlette(

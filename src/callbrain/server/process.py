@@ -21,6 +21,12 @@ drains instead:
 4. the process exits with status 0.
 
 A second signal stops at once.
+
+Every socket costs a file descriptor, and the default soft limit (often 1,024)
+is far below what a server of calls needs, so ``callbrain serve`` raises it to
+the hard limit at start-up (:func:`raise_open_file_limit`). Connections that
+have not finished their handshake are limited to a quarter of it, so strangers
+cannot take the descriptors that calls need (:mod:`callbrain.server.handshake`).
 """
 
 from __future__ import annotations
@@ -37,15 +43,25 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from callbrain.server.handshake import HalfOpenConnections, handshake_protocols
+from callbrain.server.settings import AccessSettings, ServerSettings
+
+try:
+    import resource
+except ImportError:  # not on Windows: the limits there are not per process
+    resource = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:  # kept light: `callbrain fake-llm` runs on ProcessServer too
     from callbrain.server.runtime import AgentRuntime
-    from callbrain.server.settings import ServerSettings
 
 logger = logging.getLogger("callbrain.server")
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 DEFAULT_WS_MAX_SIZE = 16 * 2**20
+_UNLIMITED_NOFILE = 2**20
+"""What "as far as the hard limit allows" means when the hard limit is infinite."""
+_MIN_PENDING_HANDSHAKES = 16
 
 
 def uvicorn_config(
@@ -58,13 +74,21 @@ def uvicorn_config(
 ) -> uvicorn.Config:
     """uvicorn's configuration for callbrain's apps; ``overrides`` for the rest
     (log level, graceful shutdown time)."""
-    max_frame = settings.access.max_frame_bytes if settings is not None else 0
+    access = settings.access if settings is not None else AccessSettings()
+    half_open = HalfOpenConnections(
+        access.handshake_timeout_s,
+        pending_handshake_limit(access.max_pending_handshakes),
+        access.rejections_per_minute,
+    )
+    # uvicorn's httptools and websockets-sansio protocols, with handshake deadlines.
+    http_protocol, ws_protocol = handshake_protocols(half_open)
     options: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_config": None,
         "lifespan": "on",
-        "ws": "websockets-sansio",
+        "http": http_protocol,
+        "ws": ws_protocol,
         # Frames are a few words of JSON: compressing each costs more CPU than the
         # bytes are worth. Declining the extension is always compatible.
         "ws_per_message_deflate": False,
@@ -73,10 +97,53 @@ def uvicorn_config(
         "proxy_headers": False,
         # The hard cap, where uvicorn closes the socket (1009): far above the soft
         # cap, max_frame_bytes, at which the session ignores a frame and goes on.
-        "ws_max_size": max(DEFAULT_WS_MAX_SIZE, 4 * max_frame),
+        "ws_max_size": max(DEFAULT_WS_MAX_SIZE, 4 * access.max_frame_bytes),
         **overrides,
     }
     return uvicorn.Config(app, **options)
+
+
+def open_file_limit() -> int | None:
+    """This process's soft limit on open files; None where there is none to read."""
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_open_file_limit(max_pending_handshakes: int) -> int | None:
+    """Raise the soft open-file limit as far as the hard limit allows, and log the
+    figure (one line). Returns the limit in force."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else _UNLIMITED_NOFILE
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):  # macOS caps the soft limit below an infinite hard one
+            logger.debug("could not raise the open-file limit to %d", wanted, exc_info=True)
+    limit = open_file_limit()
+    if limit == soft:
+        how = "the hard limit" if soft == hard else f"hard limit {hard}"
+    else:
+        how = f"raised from {soft}"
+    logger.info(
+        "open-file limit: %s (%s); at most %d connections may wait on a handshake",
+        "unlimited" if limit is None else limit,
+        how,
+        pending_handshake_limit(max_pending_handshakes),
+    )
+    return limit
+
+
+def pending_handshake_limit(configured: int) -> int:
+    """``max_pending_handshakes``, but never more than a quarter of the open-file
+    limit: the rest is for calls (a socket each, plus their model connections)."""
+    limit = open_file_limit()
+    if limit is None:
+        return configured
+    return min(configured, max(_MIN_PENDING_HANDSHAKES, limit // 4))
 
 
 class ProcessServer(uvicorn.Server):

@@ -55,6 +55,15 @@ class AccessSettings(_Settings):
     """A call that sends no frame at all (not even a ping) for this long is
     closed, so a peer that went quiet cannot hold a ``max_calls`` slot for ever."""
 
+    handshake_timeout_s: float = Field(default=5.0, gt=0)
+    """A connection must finish its request (a WebSocket upgrade: until it is
+    accepted or refused) within this long of being opened, or of its previous
+    response on a kept-alive connection; else it is closed. Retell's handshake
+    takes one round trip."""
+    max_pending_handshakes: int = Field(default=1000, ge=1)
+    """Connections that may be within their handshake at once; one more closes the
+    oldest. Never more than a quarter of the process's open-file limit."""
+
     _secret_not_blank = field_validator("secret")(_not_blank)
 
 
@@ -69,6 +78,20 @@ class WebhookSettings(_Settings):
     """``module:function`` called with each verified event (sync or async)."""
     tolerance_s: float = Field(default=300.0, gt=0)
     """Events signed longer ago (or ahead) than this are refused as replays."""
+    max_body_bytes: int = Field(default=8_000_000, ge=1024)
+    """Larger bodies are refused (413). Retell's biggest event, ``call_analyzed`` for
+    a two-hour call (its longest) with its transcripts and tool calls, is ~4 MB."""
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    """The whole body must arrive within this long (else 408): Retell sends it at once."""
+    max_in_flight: int = Field(default=16, ge=1)
+    """Webhook requests handled at once; more are answered 503 at once (Retell
+    retries). With ``max_body_bytes``, bounds the memory bodies can take."""
+    handler_threads: int = Field(default=4, ge=1)
+    """Threads for a sync handler, its own (not the tools'). When all are busy (hung
+    handlers), events are answered 503 at once."""
+    handler_timeout_s: float = Field(default=8.0, gt=0)
+    """Then the event is answered 500 (Retell may retry). Below Retell's 10 s
+    webhook timeout, so it hears the answer."""
 
     _key_not_blank = field_validator("api_key")(_not_blank)
 
