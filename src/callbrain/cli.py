@@ -15,6 +15,7 @@ from rich.console import Console
 from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
 from callbrain.errors import AgentConfigError
+from callbrain.extras import MissingExtraError
 from callbrain.logs import configure_logging
 from callbrain.server.app import DEFAULT_PREFIX, create_app
 from callbrain.server.process import CallbrainServer, uvicorn_config
@@ -67,7 +68,7 @@ def serve(
         definition = Agent.from_yaml(path)
         # Built now so a tool that does not import fails here, not on a call.
         application = create_app(definition, prefix=prefix)
-    except AgentConfigError as exc:
+    except (AgentConfigError, MissingExtraError) as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     route = "/" + prefix.strip("/") if prefix.strip("/") else ""
