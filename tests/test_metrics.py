@@ -195,6 +195,22 @@ async def test_metrics_agree_with_what_the_calls_did(
     assert value(samples, "callbrain_records_dropped_total") == 0
 
 
+async def test_a_reconnect_is_not_a_new_call(primary: FakeOpenAIServer) -> None:
+    async with serve(make_agent(primary)) as served:
+        for socket in (1, 2):  # Retell reconnects with the same call id
+            async with RetellClient.connect(served.ws, "call-1") as call:
+                await call.expect_config()
+                await call.expect_begin()
+                assert value(await scrape(served.http), "callbrain_calls_active") == 1
+            await served.probe.wait(socket)
+        samples = await scrape(served.http)
+    assert value(samples, "callbrain_calls_total") == 1
+    assert value(samples, "callbrain_reconnects_total") == 1
+    assert value(samples, "callbrain_calls_active") == 0
+    # A reconnect's greeting is empty, but it is still a begin turn.
+    assert value(samples, "callbrain_turns_total", kind="begin", outcome="completed") == 2
+
+
 async def test_failovers_before_a_barge_in_are_counted(
     primary: FakeOpenAIServer, backup: FakeAnthropicServer
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
@@ -69,7 +70,7 @@ def serve(
         # Built now so a tool that does not import fails here, not on a call.
         application = create_app(definition, prefix=prefix)
     except (AgentConfigError, MissingExtraError) as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     route = "/" + prefix.strip("/") if prefix.strip("/") else ""
     # A placeholder: the secret itself never goes to the terminal (or its scrollback).

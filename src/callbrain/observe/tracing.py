@@ -105,7 +105,8 @@ class TracingObserver:
         self._calls[id(call)] = self.tracer.start_span(
             "call",
             kind=SpanKind.SERVER,
-            start_time=int(call.started_at * 1e9),
+            # The records' clock, not call.started_at: its turns must nest inside it.
+            start_time=self._ns(time.perf_counter()),
             attributes={
                 "callbrain.call.id": call.call_id,
                 "gen_ai.conversation.id": call.call_id,
@@ -121,8 +122,7 @@ class TracingObserver:
         span.set_attribute("callbrain.call.end", call.end)
         if call.end == "error":
             span.set_status(trace.StatusCode.ERROR, "the session failed")
-        ended = call.ended_at if call.ended_at is not None else time.time()
-        span.end(end_time=int(ended * 1e9))
+        span.end(end_time=self._ns(time.perf_counter()))
 
     def frame_ignored(self, call: CallRecord, reason: IgnoredFrame) -> None:
         span = self._calls.get(id(call))
