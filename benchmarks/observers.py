@@ -42,7 +42,16 @@ def typical_turn(response_id: int) -> TurnRecord:
     turn.first_frame, turn.completed = now + 0.4, now + 2.0
     turn.caller_text, turn.spoken = "Anything free on Friday?", "Friday at nine is free."
     turn.models.append(
-        ModelRecord("openai", "gpt-4o-mini", now + 0.001, now + 0.3, 812, 24, 1.9, [], "ok")
+        ModelRecord(
+            "openai",
+            "gpt-4o-mini",
+            requested=now + 0.001,
+            first_token=now + 0.3,
+            input_tokens=812,
+            output_tokens=24,
+            outcome="ok",
+            duration_s=1.9,
+        )
     )
     turn.tools.append(ToolRecord("check_availability", '{"day":"friday"}', now + 0.31, "ok", 0.05))
     return turn
