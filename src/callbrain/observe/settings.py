@@ -61,7 +61,7 @@ class TracingSettings(_Settings):
 
     enabled: bool = False
     service_name: str = Field(default="callbrain", min_length=1)
-    """The ``service.name`` of every span (``OTEL_SERVICE_NAME`` overrides it)."""
+    """The spans' ``service.name`` (``OTEL_RESOURCE_ATTRIBUTES`` may add others)."""
     capture_text: bool = False
     """Put what the caller said, what the agent spoke and tools' arguments and
     results on the spans. Off by default: traces often go where call content
