@@ -16,6 +16,7 @@ from rich.markup import escape
 from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
 from callbrain.errors import AgentConfigError
+from callbrain.extras import MissingExtraError
 from callbrain.logs import configure_logging
 from callbrain.server.app import DEFAULT_PREFIX, create_app
 from callbrain.server.process import CallbrainServer, raise_open_file_limit, uvicorn_config
@@ -68,7 +69,7 @@ def serve(
         definition = Agent.from_yaml(path)
         # Built now so a tool that does not import fails here, not on a call.
         application = create_app(definition, prefix=prefix)
-    except AgentConfigError as exc:
+    except (AgentConfigError, MissingExtraError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     route = "/" + prefix.strip("/") if prefix.strip("/") else ""

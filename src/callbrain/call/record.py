@@ -30,6 +30,11 @@ TurnOutcome = Literal["open", "completed", "superseded", "fallback", "drained", 
 """``superseded``: a newer request cut it off; ``drained``: a shutdown did;
 ``dropped``: the socket went while it was open."""
 CallEnd = Literal["open", "hangup", "drop", "drain", "error", "inactive"]
+IgnoredFrame = Literal["binary", "unknown_type", "malformed", "oversized", "stale_request"]
+"""Why an inbound frame was skipped (the call goes on): a fixed set, so a metric
+labelled with it stays small."""
+RefusedSocket = Literal["address", "secret", "max_calls", "draining"]
+"""Why a call socket was refused before it was accepted."""
 
 
 @dataclass(slots=True)
@@ -57,6 +62,8 @@ class ModelRecord:
     first_token: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    duration_s: float | None = None
+    """From the request to the end of its stream (None while it is open)."""
     failovers: list[str] = field(default_factory=list)
     """``provider/model: reason`` for each provider that failed before this one answered."""
     outcome: str = "open"
@@ -129,11 +136,24 @@ class CallObserver(Protocol):
     def call_ended(self, call: CallRecord) -> None: ...
 
 
+class TrafficObserver(Protocol):
+    """Optional methods a :class:`CallObserver` may also have, for what never
+    became a turn (the metrics count them); an observer without them is not
+    told."""
+
+    def frame_ignored(self, call: CallRecord, reason: IgnoredFrame) -> None: ...
+
+    def socket_refused(self, reason: RefusedSocket) -> None: ...
+
+
 class Observers:
     """Several observers as one; one that raises is logged and does not stop the others."""
 
     def __init__(self, observers: list[CallObserver] | None = None) -> None:
         self.observers = list(observers or [])
+        # The optional methods, looked up once: a plain CallObserver has none.
+        self._frame_ignored = _methods(self.observers, "frame_ignored")
+        self._socket_refused = _methods(self.observers, "socket_refused")
 
     def call_started(self, call: CallRecord) -> None:
         for observer in self.observers:
@@ -151,9 +171,21 @@ class Observers:
         for observer in self.observers:
             self._safely(observer.call_ended, call)
 
+    def frame_ignored(self, call: CallRecord, reason: IgnoredFrame) -> None:
+        for method in self._frame_ignored:
+            self._safely(method, call, reason)
+
+    def socket_refused(self, reason: RefusedSocket) -> None:
+        for method in self._socket_refused:
+            self._safely(method, reason)
+
     @staticmethod
     def _safely(method: Any, *args: Any) -> None:
         try:
             method(*args)
         except Exception:
             logger.exception("call observer %r failed; the call goes on", method)
+
+
+def _methods(observers: list[CallObserver], name: str) -> list[Any]:
+    return [method for o in observers if callable(method := getattr(o, name, None))]

@@ -238,14 +238,17 @@ class CallSession:
     async def _dispatch(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
             logger.warning("ignored a binary frame (%d bytes); Retell sends only text", len(raw))
+            self._observers.frame_ignored(self.record, "binary")
             return
         try:
             frame = parse_inbound(raw)
         except UnknownInteraction as exc:
             logger.info("ignored frame: %s", exc)
+            self._observers.frame_ignored(self.record, "unknown_type")
             return
         except FrameError as exc:
             logger.warning("ignored malformed frame (%d chars): %s", len(raw), exc)
+            self._observers.frame_ignored(self.record, "malformed")
             return
         if isinstance(frame, PingPong):
             await self.send_frame(PingPongFrame(timestamp=frame.timestamp))
@@ -277,6 +280,7 @@ class CallSession:
             size,
             self._limits.max_frame_bytes,
         )
+        self._observers.frame_ignored(self.record, "oversized")
         return True
 
     def _take_call_details(self, call: dict[str, Any]) -> None:
@@ -298,6 +302,7 @@ class CallSession:
                 rid,
                 self.ledger.latest,
             )
+            self._observers.frame_ignored(self.record, "stale_request")
             return
         # From here on the older id is superseded: the ledger refuses it.
         self.transcript = frame.transcript

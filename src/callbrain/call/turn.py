@@ -134,11 +134,16 @@ class Turn:
         model = ModelRecord(self.llm.provider, self.llm.model, requested=time.perf_counter())
         self.record.models.append(model)
         stream = self.llm.chat(request)
+        # The failover's own list, so a turn cut off later still reports those so far.
+        model.failovers = stream.metrics.failovers
         try:
             async with stream:
                 first = await self._first_chunk(stream)
                 if first is not None:
                     model.first_token = time.perf_counter()
+                    # Who answered is known now (a failover has chosen): a barge-in
+                    # may end the turn's record before the stream's end copies it.
+                    model.provider, model.model = stream.metrics.provider, stream.metrics.model
                 async for chunk in _chain(first, stream):
                     if isinstance(chunk, ToolCall):
                         calls.append(chunk)
@@ -249,6 +254,7 @@ def _copy_metrics(stream: LLMStream, model: ModelRecord) -> None:
     model.provider, model.model = metrics.provider, metrics.model
     model.failovers = list(metrics.failovers)
     model.outcome = metrics.outcome
+    model.duration_s = metrics.duration_s
     if metrics.usage is not None:
         model.input_tokens = metrics.usage.input_tokens
         model.output_tokens = metrics.usage.output_tokens

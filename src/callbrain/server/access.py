@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, quote, quote_plus
 
 from starlette.websockets import WebSocket
 
+from callbrain.call.record import RefusedSocket
 from callbrain.logs import REDACTED, HandshakeLine, handshake_line_var, redact_secret
 from callbrain.server.settings import AccessSettings
 
@@ -141,8 +142,15 @@ def _within(address: IPAddress, networks: Sequence[Network]) -> bool:
 class AccessGuard:
     """Admits or refuses each call socket before it is accepted (see the module doc)."""
 
-    def __init__(self, settings: AccessSettings) -> None:
+    def __init__(
+        self,
+        settings: AccessSettings,
+        *,
+        on_refusal: Callable[[RefusedSocket], None] | None = None,
+    ) -> None:
+        """``on_refusal`` is told why each socket was refused (for the metrics)."""
         self.settings = settings
+        self._on_refusal = on_refusal
         # Never empty: the settings refuse that (an unset ${VAR:-} must not quietly
         # turn into "any empty ?token= will do").
         secret = None if settings.secret is None else settings.secret.get_secret_value()
@@ -191,11 +199,14 @@ class AccessGuard:
         presented = websocket.path_params.get(SECRET_PARAM)
         if presented is None:
             presented = websocket.query_params.get(TOKEN_PARAM)
-        reason = self._refusal(address, presented, active_calls)
-        if reason is None:
+        refusal = self._refusal(address, presented, active_calls)
+        if refusal is None:
             if self._secret is not None:
                 handshake_line_var.set(HandshakeLine(self._shown_path(websocket), quiet=False))
             return True
+        kind, reason = refusal
+        if self._on_refusal is not None:
+            self._on_refusal(kind)
         who = "an unparsable address" if address is None else str(address)
         if peer is None or address != parse_address(peer):
             who += f" (via {peer})"  # taken from X-Forwarded-For, or no usable peer
@@ -214,15 +225,18 @@ class AccessGuard:
         await websocket.close(_CLOSE_REFUSED)
         return False
 
-    def _refusal(self, address: IPAddress | None, presented: str | None, calls: int) -> str | None:
+    def _refusal(
+        self, address: IPAddress | None, presented: str | None, calls: int
+    ) -> tuple[RefusedSocket, str] | None:
+        """Why to refuse: the kind (for the metrics) and the log line's words."""
         allowed = self.settings.allow_ips
         if allowed and (address is None or not _within(address, allowed)):
-            return "address not in allow_ips"
+            return "address", "address not in allow_ips"
         if not self.secret_matches(presented):
-            return "no secret given" if presented is None else "wrong secret"
+            return "secret", "no secret given" if presented is None else "wrong secret"
         limit = self.settings.max_calls
         if limit is not None and calls >= limit:
-            return f"too many calls ({calls} in progress, max_calls is {limit})"
+            return "max_calls", f"too many calls ({calls} in progress, max_calls is {limit})"
         return None
 
     def _shown_path(self, websocket: WebSocket) -> str:

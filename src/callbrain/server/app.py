@@ -35,6 +35,7 @@ from callbrain.call.record import CallObserver, Observers
 from callbrain.call.session import CLOSE_INTERNAL_ERROR, CallSession
 from callbrain.llm import LLM
 from callbrain.logs import call_id_var
+from callbrain.observe.telemetry import Telemetry
 from callbrain.server.access import AccessGuard
 from callbrain.server.handler_threads import HandlerThreads
 from callbrain.server.runtime import AgentRuntime
@@ -58,7 +59,8 @@ def create_app(
     on_webhook: WebhookHandler | None = None,
     observers: Sequence[CallObserver] = (),
 ) -> Starlette:
-    """An ASGI app serving ``agent`` at ``{prefix}/{call_id}``, plus ``GET /healthz``.
+    """An ASGI app serving ``agent`` at ``{prefix}/{call_id}``, plus ``GET /healthz``
+    and ``GET /metrics`` (see :mod:`callbrain.observe`).
 
     Pass ``llm`` to supply a ready model client (shared, or customised in code);
     otherwise one is built from ``agent.llm``. ``store`` keeps what each call
@@ -71,13 +73,15 @@ def create_app(
     ``POST server.webhooks.path`` takes Retell's signed call events and hands
     verified ones to ``on_webhook`` (or the file's ``server.webhooks.handler``).
     """
-    runtime = AgentRuntime(agent, llm, store, Observers(list(observers)))
+    telemetry = Telemetry(agent.server)  # tracing without its extra fails here
+    runtime = AgentRuntime(agent, llm, store, Observers([*telemetry.observers, *observers]))
+    telemetry.know_tools(runtime.toolbox.tools)
     # Sync webhook handlers' own threads, never the calls' (hung ones must not starve tools).
     handler_threads = HandlerThreads(agent.server.webhooks.handler_threads)
     # A bad handler reference fails here.
     webhooks = webhook_routes(agent, on_webhook, threads=handler_threads)
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-    guard = AccessGuard(agent.server.access)
+    guard = AccessGuard(agent.server.access, on_refusal=runtime.observers.socket_refused)
 
     async def llm_websocket(websocket: WebSocket) -> None:
         # Secret, address and max_calls, before accept: a refusal is a bare HTTP 403.
@@ -87,6 +91,7 @@ def create_app(
         token = call_id_var.set(call_id)
         if runtime.draining:
             logger.warning("refused a call: the server is shutting down")
+            runtime.observers.socket_refused("draining")
             await websocket.close(CLOSE_TRY_AGAIN_LATER)  # before accept: HTTP 403
             call_id_var.reset(token)
             return
@@ -137,6 +142,7 @@ def create_app(
         finally:
             handler_threads.shutdown()
             await runtime.aclose()
+            await telemetry.aclose()
 
     app = Starlette(
         routes=[
@@ -148,9 +154,11 @@ def create_app(
                 else []
             ),
             Route("/healthz", healthz),
+            *telemetry.routes(guard.client_address),
             *webhooks,
         ],
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.telemetry = telemetry
     return app

@@ -13,6 +13,8 @@ from ipaddress import IPv4Network, IPv6Network
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from callbrain.observe.settings import MetricsSettings, TracingSettings
+
 RETELL_IPS = ("100.20.5.228/32",)
 """Retell's published outbound address (protocol reference, section 5)."""
 
@@ -116,6 +118,8 @@ class ServerSettings(_Settings):
     access: AccessSettings = Field(default_factory=AccessSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     drain_s: float = Field(default=30.0, ge=0)
     """On SIGTERM: how long calls in progress may go on before their open turns
     are finished and their connections dropped (so Retell reconnects elsewhere)."""
