@@ -1,8 +1,9 @@
 """Several providers as one model: the next takes over when one fails to start.
 
 A turn goes to the first provider in rotation. If it fails *before its first
-chunk* (a connection error, 429, 5xx, or a missed first-token deadline: the
-errors :class:`~callbrain.llm.base.LLMError` marks ``retryable``), the same
+chunk* (a connection error, 429, 5xx, a missed first-token deadline, or a
+stream it cannot read: the errors :class:`~callbrain.llm.base.LLMError` marks
+``retryable``, see :mod:`callbrain.llm.events`), the same
 request goes to the next one, and the caller hears nothing of it. Once a
 chunk has been yielded the turn is committed to that provider: retrying then
 would make the caller hear the start of the answer twice, so a later failure

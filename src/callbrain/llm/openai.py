@@ -33,6 +33,7 @@ from callbrain.llm.base import (
 )
 from callbrain.llm.chat import ChatChunk, ChatRequest
 from callbrain.llm.config import OpenAIConfig
+from callbrain.llm.events import read_events
 from callbrain.llm.openai_format import ChunkReader, chat_messages, tool_params
 
 PROVIDER = "openai"
@@ -86,17 +87,12 @@ class OpenAILLM(LLM):
                 stream_cls=openai.AsyncStream[object],
             )
             # The SDK stream owns the HTTP response: leaving this block for any
-            # reason (end, error, cancellation, aclose) closes the connection.
+            # reason (the finish, an error, cancellation, aclose) closes it.
             async with stream:
-                async for chunk in stream:
-                    if isinstance(chunk, dict):
-                        for item in reader.feed(chunk):
-                            yield item
+                async for chunk in read_events(stream, reader, provider=PROVIDER):
+                    yield chunk
         except openai.APIError as exc:
             raise _translate(exc) from exc
-        # Some compatible servers end the stream without a finish_reason.
-        for call in reader.end():
-            yield call
 
     async def aclose(self) -> None:
         await self._client.close()
