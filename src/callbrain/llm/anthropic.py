@@ -25,6 +25,7 @@ still go out the moment they arrive.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,13 @@ class AnthropicLLM(LLM):
             raise LLMError(
                 f"anthropic: {type(exc).__name__}: {exc}", provider=PROVIDER, retryable=True
             ) from exc
+
+    def without_retries(self) -> AnthropicLLM:
+        if self.config.max_retries == 0:
+            return self
+        quick = copy.copy(self)
+        quick._client = self._client.with_options(max_retries=0)  # same connection pool
+        return quick
 
     async def aclose(self) -> None:
         await self._client.close()

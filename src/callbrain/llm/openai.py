@@ -20,6 +20,7 @@ tools, and not every compatible server knows it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncGenerator
 from typing import Any, ClassVar
 
@@ -93,6 +94,13 @@ class OpenAILLM(LLM):
                     yield chunk
         except openai.APIError as exc:
             raise _translate(exc) from exc
+
+    def without_retries(self) -> OpenAILLM:
+        if self.config.max_retries == 0:
+            return self
+        quick = copy.copy(self)
+        quick._client = self._client.with_options(max_retries=0)  # same connection pool
+        return quick
 
     async def aclose(self) -> None:
         await self._client.close()
