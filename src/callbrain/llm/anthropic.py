@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -114,8 +115,11 @@ class AnthropicLLM(LLM):
             )
             # The SDK stream owns the HTTP response: leaving this block for any
             # reason (the finish, an error, cancellation, aclose) closes it.
-            async with stream:
-                async for chunk in read_events(stream, EventReader(), provider=PROVIDER):
+            async with (
+                stream,
+                aclosing(read_events(stream, EventReader(), provider=PROVIDER)) as chunks,
+            ):
+                async for chunk in chunks:
                     yield chunk
         except anthropic.APIError as exc:
             raise _translate(exc) from exc

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import openai
@@ -89,8 +90,8 @@ class OpenAILLM(LLM):
             )
             # The SDK stream owns the HTTP response: leaving this block for any
             # reason (the finish, an error, cancellation, aclose) closes it.
-            async with stream:
-                async for chunk in read_events(stream, reader, provider=PROVIDER):
+            async with stream, aclosing(read_events(stream, reader, provider=PROVIDER)) as chunks:
+                async for chunk in chunks:
                     yield chunk
         except openai.APIError as exc:
             raise _translate(exc) from exc
