@@ -16,6 +16,7 @@ from callbrain.agent import Agent
 from callbrain.llm.config import OpenAIConfig
 from callbrain.testing import FakeOpenAIServer, Reply, serve_agent, serve_asgi
 from callbrain.testing.bench import LoadOptions, percentiles, run_load
+from callbrain.testing.bench_run import bench_agent
 from callbrain.testing.serve import free_port
 
 QUICK = LoadOptions(calls=6, duration_s=1.5, ramp_s=0.2, pause_s=0.1, ttft_s=0.0, seed=7)
@@ -74,6 +75,22 @@ async def test_bench_starts_its_own_server_and_reports_every_number() -> None:
     assert run["server_cpu_s"] > 0 and run["server_peak_rss_mb"] > 10
     assert report["fake_llm"]["ttft_s"] == 0.05 and report["fake_llm"]["cpu_s"] >= 0
     assert "added latency" in err  # the table, on stderr when the JSON is on stdout
+
+
+async def test_bench_can_load_the_anthropic_backend() -> None:
+    code, report, err = await bench_command(
+        *("--provider", "anthropic", "--calls", "3", "--duration", "1.5", "--ramp", "0.3"),
+        *("--pause", "0.2", "--ttft", "0.05", "--token-rate", "200", "--seed", "1"),
+    )
+    assert code == 0, err
+    assert report["fake_llm"]["provider"] == "anthropic"
+    assert not report["fake_llm"]["url"].endswith("/v1")  # the Anthropic SDK adds it
+    assert report["connected"] == 3 and report["turns"] >= 3
+    for counter in ("missed_pings", "stale_frames", "incomplete_turns", "errors"):
+        assert report[counter] == 0, (counter, report)
+    # An agent on the wrong backend would still complete turns (with its
+    # fallback line), so check the agent the bench serves, too.
+    assert bench_agent(report["fake_llm"]["url"], "anthropic")["llm"]["provider"] == "anthropic"
 
 
 async def test_compare_runs_the_same_load_against_a_second_server() -> None:

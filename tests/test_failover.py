@@ -25,11 +25,14 @@ FALLBACK = "Sorry, say that again?"
 
 def openai(fake_or_url: FakeOpenAIServer | str, **options: Any) -> OpenAIConfig:
     url = fake_or_url if isinstance(fake_or_url, str) else fake_or_url.base_url
-    return OpenAIConfig(provider="openai", base_url=url, api_key="k", max_retries=0, **options)
+    return OpenAIConfig(
+        provider="openai", base_url=url, api_key="k", **{"max_retries": 0, **options}
+    )
 
 
-def anthropic(fake: FakeAnthropicServer) -> AnthropicConfig:
-    return AnthropicConfig(provider="anthropic", base_url=fake.base_url, api_key="k", max_retries=0)
+def anthropic(fake: FakeAnthropicServer, **options: Any) -> AnthropicConfig:
+    settings = {"max_retries": 0, **options}
+    return AnthropicConfig(provider="anthropic", base_url=fake.base_url, api_key="k", **settings)
 
 
 def agent(primary: Any, *fallbacks: Any, **options: Any) -> Agent:
@@ -142,5 +145,56 @@ async def test_one_provider_is_never_taken_out() -> None:
         try:
             assert await ask(agent(openai(only)), "a", "b", llm=llm) == [FALLBACK, FALLBACK]
             assert len(only.requests) == 2 and llm.rotation() == llm.llms
+        finally:
+            await llm.aclose()
+
+
+# -------------------------------------------- retries: the next provider comes first
+
+
+async def test_a_rate_limit_with_a_long_retry_after_fails_over_at_once() -> None:
+    # With a provider after it, waiting out Retry-After (and then retrying) would
+    # keep the caller in silence: the next provider answers instead.
+    async with (
+        FakeOpenAIServer(Reply(status=429, retry_after=3), default=Reply("Primary.")) as first,
+        FakeAnthropicServer(Reply(status=429, retry_after=3), default=Reply("Second.")) as second,
+        FakeOpenAIServer(default=Reply("Third.")) as third,
+    ):
+        patient = {"max_retries": 2, "first_token_timeout_s": 30}
+        chain = agent(openai(first, **patient), anthropic(second, **patient), openai(third))
+        assert await ask(chain, "Hi") == ["Third."]
+        assert len(first.requests) == len(second.requests) == len(third.requests) == 1
+
+
+async def test_the_last_provider_in_rotation_still_retries() -> None:
+    async with (
+        FakeOpenAIServer(Reply(status=500), default=Reply("Primary.")) as first,
+        FakeAnthropicServer(Reply(status=429), default=Reply("Worth the wait.")) as last,
+    ):
+        chain = agent(openai(first, max_retries=1), anthropic(last, max_retries=1))
+        assert await ask(chain, "Hi") == ["Worth the wait."]
+        assert [r.outcome for r in first.requests] == ["error_status"]
+        assert [r.outcome for r in last.requests] == ["error_status", "completed"]
+
+
+async def test_a_provider_left_alone_in_rotation_uses_its_retries() -> None:
+    # Once the backup is out of rotation the primary is the last one tried, and
+    # a 429 is then worth the SDK's retry.
+    fail, limited = Reply(status=500), Reply(status=429)
+    async with (
+        FakeOpenAIServer(
+            fail, Reply("Primary."), fail, limited, default=Reply("Retried.")
+        ) as first,
+        FakeOpenAIServer(Reply(status=503), Reply(status=503), default=Reply("Backup.")) as second,
+    ):
+        members = [create_llm(openai(first, max_retries=1)), create_llm(openai(second))]
+        llm = FailoverLLM(members, failure_threshold=2, probe_interval_s=3600)
+        try:
+            # The primary never fails twice in a row; the backup does, in turn three.
+            texts = await ask(agent(openai(first)), "one", "two", "three", "four", llm=llm)
+            assert texts == [FALLBACK, "Primary.", FALLBACK, "Retried."]
+            assert llm.rotation() == [members[0]]
+            assert [r.outcome for r in first.requests].count("error_status") == 3
+            assert len(second.requests) == 2
         finally:
             await llm.aclose()

@@ -221,3 +221,59 @@ async def test_wait_for_outcome_fails_fast_on_a_different_outcome(
                 await fake.wait_for_outcome(0, "client_disconnected", timeout=10)
         with pytest.raises(TimeoutError, match="request #1"):
             await fake.wait_for_outcome(1, "completed", timeout=0.1)
+
+
+async def test_malformed_after_sends_an_event_cut_off_mid_json(http: httpx2.AsyncClient) -> None:
+    async with (
+        FakeOpenAIServer(Reply(["a", "b"], malformed_after=1)) as oa,
+        FakeAnthropicServer(Reply(["a", "b"], malformed_after=1)) as an,
+    ):
+        o = await http.post(f"{oa.base_url}/chat/completions", json=CHAT)
+        a = await http.post(f"{an.base_url}/v1/messages", json=CHAT)
+    for response, event_line in ((o, None), (a, "event: content_block_delta")):
+        events = sse_events(response.text)
+        broken = [n for n, e in enumerate(events) if not parses(e[-1])]
+        assert len(broken) == 1
+        [n] = broken
+        assert events[n][-1].startswith("data: {") and events[n][:-1] == (
+            [event_line] if event_line else []
+        )
+        # After the first content chunk; the stream then goes on as scripted.
+        assert '"a"' in events[n - 1][-1] and '"b"' in events[n + 1][-1]
+    assert oa.requests[0].outcome == an.requests[0].outcome == "completed"
+
+
+def parses(data_line: str) -> bool:
+    """Whether an SSE data line is JSON (or OpenAI's ``[DONE]``)."""
+    try:
+        json.loads(data_line.removeprefix("data: "))
+    except ValueError:
+        return data_line == "data: [DONE]"
+    return True
+
+
+async def test_ending_events_cuts_the_ending_short(http: httpx2.AsyncClient) -> None:
+    usage = {**CHAT, "stream_options": {"include_usage": True}}
+    async with (
+        FakeOpenAIServer(Reply("Hi.", ending_events=2)) as oa,
+        FakeAnthropicServer(Reply("Hi.", ending_events=1)) as an,
+    ):
+        o = sse_events((await http.post(f"{oa.base_url}/chat/completions", json=usage)).text)
+        a = sse_events((await http.post(f"{an.base_url}/v1/messages", json=CHAT)).text)
+    # OpenAI: the finish chunk and the usage chunk, no [DONE].
+    finish, usage_chunk = (json.loads(e[0].removeprefix("data: ")) for e in o[-2:])
+    assert finish["choices"][0]["finish_reason"] == "stop" and usage_chunk["usage"]
+    # Anthropic: the text block's stop, then nothing: no message_delta or message_stop.
+    assert [e[0] for e in a[-2:]] == ["event: content_block_delta", "event: content_block_stop"]
+
+
+async def test_hold_open_keeps_the_body_open_after_the_ending(http: httpx2.AsyncClient) -> None:
+    async with FakeAnthropicServer(Reply("Hi.", hold_open=True)) as fake:
+        received = b""
+        async with http.stream("POST", f"{fake.base_url}/v1/messages", json=CHAT) as response:
+            async for piece in response.aiter_bytes():
+                received += piece
+                if b"event: message_stop" in received:
+                    break
+        # It never ended the body itself: we hung up on it.
+        await fake.wait_for_outcome(0, "client_disconnected")

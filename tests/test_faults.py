@@ -310,17 +310,72 @@ async def test_an_http_error_fails_over_to_the_next_provider(
 
 
 async def test_the_sdk_retries_a_429_and_the_caller_hears_only_the_answer(
-    backend: RemoteBackend, primary: FakeLLMServer, secondary: FakeLLMServer
+    backend: RemoteBackend, primary: FakeLLMServer
 ) -> None:
+    # A provider with none after it retries (one with a next provider fails over
+    # instead: test_failover.py).
     primary.script(Reply(status=429), Reply("Worth the wait."))
-    agent = make_agent(llm(backend, primary, max_retries=1), llm(other(backend), secondary))
-    async with call_with(agent) as call:
+    async with call_with(make_agent(llm(backend, primary, max_retries=1))) as call:
         turn = await call.ask("Hello?")
         assert turn.text == "Worth the wait." and turn.completes == 1
         assert len(primary.requests) == 2
         await primary.wait_for_outcome(0, "error_status")
         await primary.wait_for_outcome(1, "completed")
-        assert secondary.requests == []  # the retry stayed with the same provider
+        await answered_normally(call, primary)
+
+
+async def test_a_rate_limit_fails_over_before_the_sdk_would_retry(
+    backend: RemoteBackend, primary: FakeLLMServer, secondary: FakeLLMServer
+) -> None:
+    # Retry-After is well inside the first-token deadline (GENEROUS): only the
+    # retry rule, not a deadline, can send this turn to the backup.
+    primary.script(Reply(status=429, retry_after=1.0))
+    agent = make_agent(llm(backend, primary, max_retries=1), llm(other(backend), secondary))
+    async with call_with(agent) as call:
+        turn = await call.ask("Hello?")
+        assert turn.text == "The backup answers." and turn.completes == 1
+        assert [r.outcome for r in primary.requests] == ["error_status"]
+        await answered_normally(call, primary)
+
+
+# ------------------------------------------------- malformed output, streams left open
+
+
+async def test_malformed_output_before_the_first_token_fails_over(
+    backend: RemoteBackend, primary: FakeLLMServer, secondary: FakeLLMServer
+) -> None:
+    primary.script(Reply("Garbled.", malformed_after=0))
+    agent = make_agent(llm(backend, primary), llm(other(backend), secondary))
+    async with call_with(agent) as call:
+        turn = await call.ask("Hello?")
+        assert turn.text == "The backup answers." and turn.completes == 1
+        await answered_normally(call, primary)
+
+
+async def test_malformed_output_mid_stream_keeps_the_words_then_the_fallback(
+    backend: RemoteBackend, primary: FakeLLMServer, secondary: FakeLLMServer
+) -> None:
+    primary.script(Reply(["We are ", "open from ", "nine to five."], malformed_after=2))
+    agent = make_agent(llm(backend, primary), llm(other(backend), secondary))
+    async with call_with(agent) as call:
+        turn = await call.ask("Hours?")
+        assert turn.text == f"We are open from {FALLBACK}" and turn.completes == 1
+        assert secondary.requests == []
+        await answered_normally(call, primary)
+
+
+async def test_a_finished_answer_on_a_stream_left_open_is_complete_without_the_fallback(
+    backend: RemoteBackend, primary: FakeLLMServer
+) -> None:
+    # The provider says it has finished, then neither ends the body nor (OpenAI)
+    # sends [DONE]. The idle deadline is GENEROUS: waiting for it would add the
+    # fallback line to a complete answer.
+    without_done = 2 if backend.name == "openai" else None
+    primary.script(Reply("We open at nine.", ending_events=without_done, hold_open=True))
+    async with call_with(make_agent(llm(backend, primary))) as call:
+        turn = await call.ask("Hours?")
+        assert turn.text == "We open at nine." and turn.completes == 1
+        await primary.wait_for_outcome(0, "client_disconnected")
         await answered_normally(call, primary)
 
 

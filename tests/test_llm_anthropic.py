@@ -7,7 +7,6 @@ What it shares with the other remote backends is in ``test_llm_remote.py``.
 from __future__ import annotations
 
 import pytest
-from anthropic.types import Usage as AnthropicUsage
 from conftest import MakeLLM
 from support import BACKENDS, RemoteBackend, collect, in_module_loop
 
@@ -64,10 +63,14 @@ def test_normalize_keeps_a_well_formed_conversation() -> None:
 
 
 def test_input_tokens_include_cached_ones() -> None:
-    usage = AnthropicUsage(
-        input_tokens=10, output_tokens=1, cache_read_input_tokens=90, cache_creation_input_tokens=5
-    )
+    usage = {
+        "input_tokens": 10,
+        "output_tokens": 1,
+        "cache_read_input_tokens": 90,
+        "cache_creation_input_tokens": 5,
+    }
     assert _input_tokens(usage) == 105
+    assert _input_tokens({"output_tokens": 3}) is None  # a message_delta without input
 
 
 # -- the backend over loopback -------------------------------------------------------

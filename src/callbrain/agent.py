@@ -100,7 +100,9 @@ class Agent(BaseModel):
     llm: LLMConfig = Field(default_factory=lambda: LocalConfig(provider="local"))
     fallback_llms: list[LLMConfig] = Field(default_factory=list)
     """Tried in order when ``llm`` (or the one before) fails before its first chunk:
-    a connection error, 429, 5xx or a missed first-token deadline."""
+    a connection error, 429, 5xx, a missed first-token deadline or a stream it
+    cannot read (docs/providers.md). Only the last provider tried uses its SDK
+    retries; the ones before it fail over at once."""
     first_token_filler_after_s: float | None = Field(default=2.0, gt=0)
     """No word from the model after this long: say ``first_token_filler_message``
     once, so the caller knows the line is alive. null for never."""

@@ -6,7 +6,7 @@ import asyncio
 import gc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import orjson
 import typer
@@ -180,6 +180,10 @@ def bench(
     token_rate: Annotated[
         float, typer.Option(min=1, help="The fake model's tokens per second.")
     ] = 50.0,
+    provider: Annotated[
+        Literal["openai", "anthropic"],
+        typer.Option(help="The fake model's API, and so the backend the served agent uses."),
+    ] = "openai",
     compare: Annotated[
         str | None,
         typer.Option(help="Run the same load against this second server and print ratios."),
@@ -206,7 +210,7 @@ def bench(
         ttft_s=ttft,
         seed=seed,
     )
-    model = FakeModel(ttft_s=ttft, token_rate=token_rate)
+    model = FakeModel(ttft_s=ttft, token_rate=token_rate, provider=provider)
     console.print(
         f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
         f"{url or 'callbrain serve (started here)'}" + (f", then {compare}" if compare else ""),

@@ -1,8 +1,9 @@
 """Anthropic messages backend.
 
 The official SDK does the HTTP, SSE parsing and retries; this module maps
-neutral requests to its parameters, raw stream events to neutral chunks, and
-its errors to :class:`~callbrain.llm.base.LLMError`. It also repairs the
+neutral requests to the request body, the stream's events (read as plain dicts
+by :class:`EventReader`) to neutral chunks, and the SDK's errors to
+:class:`~callbrain.llm.base.LLMError`. It also repairs the
 conversation shape, because Anthropic (unlike OpenAI) insists that messages
 start with a user turn and alternate, while a phone call starts with the
 agent's greeting and transcripts may hold empty or back-to-back turns.
@@ -24,27 +25,22 @@ still go out the moment they arrive.
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import anthropic
 import httpx2
 from anthropic.types import (
-    MessageDeltaUsage,
     MessageParam,
-    RawContentBlockDeltaEvent,
-    RawContentBlockStartEvent,
-    RawContentBlockStopEvent,
-    RawMessageDeltaEvent,
-    RawMessageStartEvent,
     TextBlockParam,
     ToolParam,
     ToolResultBlockParam,
     ToolUseBlockParam,
 )
-from anthropic.types import Usage as AnthropicUsage
 
 from callbrain.llm.base import (
     LLM,
@@ -64,17 +60,19 @@ from callbrain.llm.chat import (
     Usage,
 )
 from callbrain.llm.config import AnthropicConfig
+from callbrain.llm.events import read_events
 
 CALL_STARTED = "(The call has started.)"
 """The user turn put before a conversation that does not start with one."""
 
 DEFAULT_MAX_TOKENS = 1024
+PROVIDER = "anthropic"
 
 
 class AnthropicLLM(LLM):
     """Streams messages through one ``anthropic.AsyncAnthropic`` client."""
 
-    provider: ClassVar[str] = "anthropic"
+    provider: ClassVar[str] = PROVIDER
 
     def __init__(self, config: AnthropicConfig) -> None:
         super().__init__(
@@ -94,58 +92,118 @@ class AnthropicLLM(LLM):
 
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         config = self.config
-        input_tokens: int | None = None
-        output_tokens: int | None = None
-        # Open tool_use blocks by content block index: id, name, input fragments.
-        pending: dict[int, tuple[str, str, list[str]]] = {}
+        body: dict[str, Any] = {
+            "model": config.model,
+            "max_tokens": config.max_tokens or DEFAULT_MAX_TOKENS,
+            "messages": _params(normalize_messages(request.messages)),
+            "stream": True,
+            **_sampling(config),
+        }
+        if request.system:
+            body["system"] = request.system
+        if request.tools:
+            body["tools"] = [_tool(spec) for spec in request.tools]
         try:
-            stream = await self._client.messages.create(
-                model=config.model,
-                max_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
-                system=request.system or anthropic.omit,
-                messages=_params(normalize_messages(request.messages)),
-                tools=[_tool(spec) for spec in request.tools] if request.tools else anthropic.omit,
+            # The SDK's own HTTP, retries, errors and SSE parsing, without a
+            # pydantic object per event (see EventReader).
+            stream = await self._client.post(
+                "/v1/messages",
+                body=body,
+                cast_to=object,
                 stream=True,
-                extra_body=_sampling(config) or None,
+                stream_cls=anthropic.AsyncStream[object],
             )
             # The SDK stream owns the HTTP response: leaving this block for any
-            # reason (end, error, cancellation, aclose) closes the connection.
-            async with stream:
-                async for event in stream:
-                    if isinstance(event, RawContentBlockDeltaEvent):
-                        if event.delta.type == "text_delta" and event.delta.text:
-                            yield TextDelta(event.delta.text)
-                        elif event.delta.type == "input_json_delta" and event.index in pending:
-                            pending[event.index][2].append(event.delta.partial_json)
-                    elif isinstance(event, RawContentBlockStartEvent):
-                        block = event.content_block
-                        if block.type == "tool_use":
-                            pending[event.index] = (block.id, block.name, [])
-                    elif isinstance(event, RawContentBlockStopEvent):
-                        if (done := pending.pop(event.index, None)) is not None:
-                            call_id, name, parts = done
-                            # A call without arguments streams no fragments.
-                            yield ToolCall(call_id, name, "".join(parts) or "{}")
-                    elif isinstance(event, RawMessageStartEvent):
-                        input_tokens = _input_tokens(event.message.usage)
-                        output_tokens = event.message.usage.output_tokens
-                    elif isinstance(event, RawMessageDeltaEvent):
-                        if (cumulative := _input_tokens(event.usage)) is not None:
-                            input_tokens = cumulative
-                        output_tokens = event.usage.output_tokens
+            # reason (the finish, an error, cancellation, aclose) closes it.
+            async with (
+                stream,
+                aclosing(read_events(stream, EventReader(), provider=PROVIDER)) as chunks,
+            ):
+                async for chunk in chunks:
+                    yield chunk
         except anthropic.APIError as exc:
             raise _translate(exc) from exc
         except httpx2.TransportError as exc:
             # Unlike openai's, this SDK lets transport errors met while reading
             # the stream (a dropped connection) escape unwrapped.
             raise LLMError(
-                f"anthropic: {type(exc).__name__}: {exc}", provider="anthropic", retryable=True
+                f"anthropic: {type(exc).__name__}: {exc}", provider=PROVIDER, retryable=True
             ) from exc
-        if input_tokens is not None and output_tokens is not None:
-            yield Usage(input_tokens, output_tokens)
+
+    def without_retries(self) -> AnthropicLLM:
+        if self.config.max_retries == 0:
+            return self
+        quick = copy.copy(self)
+        quick._client = self._client.with_options(max_retries=0)  # same connection pool
+        return quick
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+class EventReader:
+    """Turns the messages API's stream events, as plain dicts, into neutral chunks.
+
+    Text deltas are passed on as they arrive; a ``tool_use`` block's
+    ``input_json_delta`` fragments are joined and the call yielded whole at the
+    block's ``content_block_stop``; usage (``message_start``'s input, the last
+    ``message_delta``'s output) at ``message_stop``, which ends the answer.
+    Reading dicts rather than the SDK's event objects saves building a pydantic
+    object for every token. Fields the API always sends are indexed, so an event
+    without them is a malformed stream (:mod:`callbrain.llm.events`).
+    """
+
+    def __init__(self) -> None:
+        self.finished = False
+        self._input_tokens: int | None = None
+        self._output_tokens: int | None = None
+        # Open tool_use blocks by content block index: id, name, input fragments.
+        self._calls: dict[int, tuple[str, str, list[str]]] = {}
+
+    def feed(self, event: dict[str, Any]) -> Iterator[ChatChunk]:
+        kind = event["type"]
+        if kind == "content_block_delta":  # by far the most frequent: one per token
+            delta = event["delta"]
+            if delta["type"] == "text_delta":
+                if text := delta["text"]:
+                    yield TextDelta(text)
+            elif delta["type"] == "input_json_delta" and event["index"] in self._calls:
+                self._calls[event["index"]][2].append(delta["partial_json"])
+        elif kind == "content_block_start":
+            block = event["content_block"]
+            if block["type"] == "tool_use":
+                self._calls[event["index"]] = (block["id"], block["name"], [])
+        elif kind == "content_block_stop":
+            if (done := self._calls.pop(event["index"], None)) is not None:
+                call_id, name, parts = done
+                # A call without arguments streams no fragments.
+                yield ToolCall(call_id, name, "".join(parts) or "{}")
+        elif kind == "message_start":
+            self._count(event["message"]["usage"])
+        elif kind == "message_delta":
+            self._count(event["usage"])
+        elif kind == "message_stop":
+            self.finished = True
+            if self._input_tokens is not None and self._output_tokens is not None:
+                yield Usage(self._input_tokens, self._output_tokens)
+
+    def end(self) -> Iterator[ChatChunk]:
+        """Nothing, or an error if the stream ended before ``message_stop``:
+        the API always sends it, so the answer may have been cut short."""
+        if not self.finished:
+            raise LLMError(
+                "anthropic: the stream ended before message_stop",
+                provider=PROVIDER,
+                retryable=True,
+            )
+        return iter(())
+
+    def _count(self, usage: dict[str, Any]) -> None:
+        # message_delta's counts are cumulative; its input count is optional.
+        if (tokens := _input_tokens(usage)) is not None:
+            self._input_tokens = tokens
+        if (output := usage.get("output_tokens")) is not None:
+            self._output_tokens = output
 
 
 @dataclass(slots=True)
@@ -285,18 +343,21 @@ def _tool(spec: ToolSpec) -> ToolParam:
 
 
 def _sampling(config: AnthropicConfig) -> dict[str, float]:
-    """temperature/top_p, only when set. This SDK version has no parameters
-    for them, so they travel as extra JSON fields."""
+    """temperature/top_p, only when set (this SDK version has no parameters for
+    them; the body is built here anyway)."""
     options = {"temperature": config.temperature, "top_p": config.top_p}
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _input_tokens(usage: AnthropicUsage | MessageDeltaUsage) -> int | None:
+def _input_tokens(usage: dict[str, Any]) -> int | None:
     """All input tokens, cached ones included, to compare with OpenAI's count."""
-    if usage.input_tokens is None:
+    tokens = usage.get("input_tokens")
+    if tokens is None:
         return None
-    cached = (usage.cache_creation_input_tokens or 0) + (usage.cache_read_input_tokens or 0)
-    return usage.input_tokens + cached
+    cached = (usage.get("cache_creation_input_tokens") or 0) + (
+        usage.get("cache_read_input_tokens") or 0
+    )
+    return int(tokens) + cached
 
 
 def _translate(exc: anthropic.APIError) -> LLMError:

@@ -103,7 +103,8 @@ def client_options(
     config: RemoteConfig, *, provider: str, key_envs: tuple[str, ...], base_url_env: str
 ) -> dict[str, Any]:
     """The keyword arguments for a provider SDK's async client: the key (or None,
-    for the SDK's own variable), the base URL and the retry count.
+    for the SDK's own variable), the base URL and the retry count (which a
+    failover turns off while another provider follows: :meth:`LLM.without_retries`).
 
     One client per LLM object, so every call of an agent reuses its connection
     pool.
@@ -181,6 +182,12 @@ class LLM(ABC):
         """The generator a stream reads; a backend that reports more than chunks
         (the failover: who answered, who failed first) overrides this one."""
         return self._generate(request)
+
+    def without_retries(self) -> LLM:
+        """This model, failing at once where its SDK would retry (and wait out a
+        ``Retry-After``): what a failover asks while another provider comes after
+        this one. A backend that never retries is its own."""
+        return self
 
     async def warmup(self, request: ChatRequest | None = None) -> None:  # noqa: B027 (optional hook)
         """Load whatever is slow to load before the first call.

@@ -33,7 +33,9 @@ class OpenAIConfig(_LLMConfigBase):
     api_key: str | None = None
     """Defaults to ``OPENAI_API_KEY``; may be omitted for keyless local servers."""
     max_retries: int = Field(default=1, ge=0)
-    """SDK retries on connection errors, 429 and 5xx; they happen before any text is spoken."""
+    """SDK retries on connection errors, 429 and 5xx; they happen before any text is
+    spoken, and only when no fallback provider comes after this one (with one, the
+    turn fails over at once instead)."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Extra JSON fields for servers with non-standard options."""
 
@@ -47,6 +49,7 @@ class AnthropicConfig(_LLMConfigBase):
     api_key: str | None = None
     """Defaults to ``ANTHROPIC_API_KEY``."""
     max_retries: int = Field(default=1, ge=0)
+    """As for OpenAI: only when no fallback provider comes after this one."""
     max_tokens: int | None = Field(default=1024, gt=0)
 
 

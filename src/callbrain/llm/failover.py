@@ -1,8 +1,9 @@
 """Several providers as one model: the next takes over when one fails to start.
 
 A turn goes to the first provider in rotation. If it fails *before its first
-chunk* (a connection error, 429, 5xx, or a missed first-token deadline: the
-errors :class:`~callbrain.llm.base.LLMError` marks ``retryable``), the same
+chunk* (a connection error, 429, 5xx, a missed first-token deadline, or a
+stream it cannot read: the errors :class:`~callbrain.llm.base.LLMError` marks
+``retryable``, see :mod:`callbrain.llm.events`), the same
 request goes to the next one, and the caller hears nothing of it. Once a
 chunk has been yielded the turn is committed to that provider: retrying then
 would make the caller hear the start of the answer twice, so a later failure
@@ -15,8 +16,11 @@ rotation, so calls stop paying its timeout, and probed in the background with
 a tiny request every ``probe_interval_s`` until it answers again. If every
 provider is out, the rotation is all of them: trying is better than silence.
 
-Retries with backoff *within* one provider are the SDKs' (``max_retries``),
-which honour ``retry-after``; this module only moves between providers.
+Retries *within* one provider are the SDKs' (``max_retries``, with backoff and
+``Retry-After``), and only for the last provider of the turn's rotation. Any
+earlier one fails at once (:meth:`~callbrain.llm.base.LLM.without_retries`):
+with another provider to go to, a 429 that asks for ten seconds' patience
+should cost the caller nothing, not ten seconds of silence.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class FailoverLLM(LLM):
         self.failure_threshold = failure_threshold
         self.probe_interval_s = probe_interval_s
         self._health = {id(llm): _Health() for llm in self.llms}
+        self._quick = {id(llm): llm.without_retries() for llm in self.llms}
+        """Each member as it is asked while another provider follows it."""
 
     def rotation(self) -> list[LLM]:
         """The members to try, in order: all those in rotation (all, if none is)."""
@@ -88,8 +94,11 @@ class FailoverLLM(LLM):
         """The first answer in rotation; ``metrics`` learns who answered and who
         failed before."""
         failures: list[str] = []
-        for llm in self.rotation():
-            stream = llm.chat(request)
+        rotation = self.rotation()
+        for llm in rotation:
+            # The one place that decides who may retry: only the last resort.
+            member = llm if llm is rotation[-1] else self._quick[id(llm)]
+            stream = member.chat(request)
             try:
                 first = await anext(stream)
             except StopAsyncIteration:
@@ -150,7 +159,8 @@ class FailoverLLM(LLM):
         while True:
             await asyncio.sleep(self.probe_interval_s)
             try:
-                async with llm.chat(_PROBE) as stream:
+                # One try tells whether it is back; a retry would only tell later.
+                async with self._quick[id(llm)].chat(_PROBE) as stream:
                     await anext(stream, None)
             except LLMError as exc:
                 logger.info("%s/%s still failing: %s", llm.provider, llm.model, exc)

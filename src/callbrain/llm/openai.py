@@ -20,7 +20,9 @@ tools, and not every compatible server knows it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import openai
@@ -33,6 +35,7 @@ from callbrain.llm.base import (
 )
 from callbrain.llm.chat import ChatChunk, ChatRequest
 from callbrain.llm.config import OpenAIConfig
+from callbrain.llm.events import read_events
 from callbrain.llm.openai_format import ChunkReader, chat_messages, tool_params
 
 PROVIDER = "openai"
@@ -86,17 +89,19 @@ class OpenAILLM(LLM):
                 stream_cls=openai.AsyncStream[object],
             )
             # The SDK stream owns the HTTP response: leaving this block for any
-            # reason (end, error, cancellation, aclose) closes the connection.
-            async with stream:
-                async for chunk in stream:
-                    if isinstance(chunk, dict):
-                        for item in reader.feed(chunk):
-                            yield item
+            # reason (the finish, an error, cancellation, aclose) closes it.
+            async with stream, aclosing(read_events(stream, reader, provider=PROVIDER)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except openai.APIError as exc:
             raise _translate(exc) from exc
-        # Some compatible servers end the stream without a finish_reason.
-        for call in reader.end():
-            yield call
+
+    def without_retries(self) -> OpenAILLM:
+        if self.config.max_retries == 0:
+            return self
+        quick = copy.copy(self)
+        quick._client = self._client.with_options(max_retries=0)  # same connection pool
+        return quick
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -183,7 +183,9 @@ class ChunkReader:
             yield Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
     def end(self) -> Iterator[ToolCall]:
-        """Calls still pending when the stream ended without a ``finish_reason``."""
+        """Calls still pending when the stream ended without a ``finish_reason``:
+        some compatible servers leave it out (and the SDK hides whether ``[DONE]``
+        came), so such a stream counts as complete."""
         return self._flush("stop")
 
     def _flush(self, reason: str) -> Iterator[ToolCall]:

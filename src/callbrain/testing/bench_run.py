@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from rich.console import Console
@@ -44,7 +44,8 @@ _READY_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class FakeModel:
-    """How the bench's fake model answers."""
+    """How the bench's fake model answers, and on which wire format (the served
+    agent uses the provider that speaks it)."""
 
     ttft_s: float = 0.3
     token_rate: float = 50.0
@@ -52,6 +53,7 @@ class FakeModel:
         "Sure, we have a few openings next week. Tuesday at ten thirty and Thursday "
         "at two are both free. Which one works better for you?"
     )
+    provider: Literal["openai", "anthropic"] = "openai"
 
 
 @dataclass
@@ -143,14 +145,14 @@ async def sampled(process: psutil.Process | None) -> AsyncIterator[ProcessUsage]
             usage.cpu_s = cpu() - before
 
 
-def bench_agent(llm_url: str) -> dict[str, Any]:
+def bench_agent(llm_url: str, provider: str = "openai") -> dict[str, Any]:
     """The agent the bench serves: a short greeting, no tools, the fake model."""
     return {
         "name": "bench",
         "system_prompt": "You are a receptionist. Answer in one or two short sentences.",
         "begin_message": "Hi, thanks for calling. How can I help?",
         "llm": {
-            "provider": "openai",
+            "provider": provider,
             "model": "bench",
             "base_url": llm_url,
             "api_key": "bench",
@@ -161,19 +163,22 @@ def bench_agent(llm_url: str) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def fake_model(model: FakeModel, port: int) -> AsyncIterator[psutil.Process]:
-    args = ["fake-llm", "--port", str(port), "--ttft", str(model.ttft_s)]
+    args = ["fake-llm", "--provider", model.provider, "--port", str(port)]
+    args += ["--ttft", str(model.ttft_s)]
     args += ["--token-rate", str(model.token_rate), "--text", model.text, "--log-level", "warning"]
     async with child(args, port, "callbrain fake-llm") as process:
         yield process
 
 
 @contextlib.asynccontextmanager
-async def callbrain_server(llm_url: str) -> AsyncIterator[tuple[str, psutil.Process]]:
+async def callbrain_server(
+    llm_url: str, provider: str = "openai"
+) -> AsyncIterator[tuple[str, psutil.Process]]:
     """``callbrain serve`` on the bench agent; yields its Retell URL and its process."""
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         agent = Path(folder) / "bench-agent.yaml"
-        agent.write_text(yaml.safe_dump(bench_agent(llm_url)), encoding="utf-8")
+        agent.write_text(yaml.safe_dump(bench_agent(llm_url, provider)), encoding="utf-8")
         args = ["serve", "--agent", str(agent), "--port", str(port), "--log-level", "warning"]
         async with child(args, port, "callbrain serve") as process:
             yield f"ws://127.0.0.1:{port}{DEFAULT_PREFIX}", process
@@ -213,10 +218,12 @@ async def run_bench(
         if url is None or fake_llm_port is not None:
             port = fake_llm_port or free_port()
             fake = await stack.enter_async_context(fake_model(model, port))
-            result["fake_llm"]["url"] = f"http://127.0.0.1:{port}/v1"
+            # The OpenAI SDK wants /v1 in its base URL; Anthropic's adds it itself.
+            suffix = "/v1" if model.provider == "openai" else ""
+            result["fake_llm"]["url"] = f"http://127.0.0.1:{port}{suffix}"
         server = None
         if url is None:
-            served = callbrain_server(result["fake_llm"]["url"])
+            served = callbrain_server(result["fake_llm"]["url"], model.provider)
             target, server = await stack.enter_async_context(served)
         else:
             target = url

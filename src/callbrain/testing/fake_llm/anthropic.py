@@ -188,3 +188,8 @@ class FakeAnthropicServer(FakeLLMServer):
         frames.append(_anthropic_event(type="message_delta", delta=stop, usage=usage))
         frames.append(_anthropic_event(type="message_stop"))
         return frames
+
+    def _stream_malformed(self, recorded: RecordedRequest) -> bytes:
+        delta = {"type": "text_delta", "text": "Hello"}
+        whole = _anthropic_event(type="content_block_delta", index=0, delta=delta)
+        return whole[: whole.index(b'"delta"')] + b"\n\n"

@@ -271,6 +271,7 @@ class FakeLLMServer(ABC):
             body=body,
             headers={name.lower(): value for name, value in request.headers.items()},
             reply=self._reply_for(body),
+            client=f"{request.client.host}:{request.client.port}" if request.client else "",
         )
         self.received += 1
         if self.record:
@@ -313,6 +314,8 @@ class FakeLLMServer(ABC):
             items = reply.items
             for n, item in enumerate(items):
                 await self._gate(reply, n)
+                if n == reply.malformed_after:
+                    yield self._stream_malformed(recorded)
                 await self._pause(reply.ttft if n == 0 else reply.chunk_delay)
                 if isinstance(item, str):
                     yield self._stream_delta(recorded, item)
@@ -322,8 +325,12 @@ class FakeLLMServer(ABC):
                 recorded.chunks_sent += 1
                 self._notify()
             await self._gate(reply, len(items))
-            for frame in self._stream_tail(recorded):
+            if reply.malformed_after is not None and reply.malformed_after >= len(items):
+                yield self._stream_malformed(recorded)
+            for frame in self._stream_tail(recorded)[: reply.ending_events]:
                 yield frame
+            if reply.hold_open:
+                await self._pause(None)
             self._settle(recorded, "completed")
         except _DropConnection:
             self._settle(recorded, "dropped")
@@ -398,6 +405,10 @@ class FakeLLMServer(ABC):
     @abstractmethod
     def _stream_tail(self, recorded: RecordedRequest) -> list[bytes]:
         """SSE frames that end a complete stream."""
+
+    @abstractmethod
+    def _stream_malformed(self, recorded: RecordedRequest) -> bytes:
+        """An SSE frame of the format whose JSON data is cut off mid-object."""
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -173,3 +173,7 @@ class FakeOpenAIServer(FakeLLMServer):
             frames.append(sse(usage_chunk))
         frames.append(sse("[DONE]"))
         return frames
+
+    def _stream_malformed(self, recorded: RecordedRequest) -> bytes:
+        whole = sse(_openai_chunk(recorded, {"content": "Hello"}, None))
+        return whole[: whole.index(b'"choices"')] + b"\n\n"

@@ -68,6 +68,19 @@ class Reply:
     drop_after: int | None = None
     """After this many content chunks abort the connection mid-stream, without
     the terminating events, so the client sees an incomplete body."""
+    malformed_after: int | None = None
+    """After this many content chunks send an event whose data is cut off in the
+    middle of its JSON (a buggy compatible server, or a proxy that mangles the
+    stream), then go on as scripted."""
+    ending_events: int | None = None
+    """Send only this many of the events that end a stream (OpenAI: the
+    ``finish_reason`` chunk, the usage chunk if asked for, ``data: [DONE]``;
+    Anthropic: the text block's ``content_block_stop`` if still open,
+    ``message_delta``, ``message_stop``); ``None``: all of them."""
+    hold_open: bool = False
+    """After the ending events keep the connection open, without ending the
+    body, until the client goes away: a provider or proxy that says it has
+    finished but never closes the stream."""
     usage: tuple[int, int] = (12, 7)
     """Input and output tokens reported at the end."""
     retry_after: float = 0.01
@@ -110,6 +123,8 @@ class RecordedRequest:
     """Request headers, names lower-cased."""
     reply: Reply
     """The scripted reply that answered it."""
+    client: str = ""
+    """The client's ``host:port``: the same for requests over one kept-alive connection."""
     started: float = field(default_factory=time.monotonic)
     """``time.monotonic()`` when the request arrived."""
     received_at: float = field(default_factory=time.time)
