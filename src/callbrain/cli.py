@@ -16,6 +16,7 @@ from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
 from callbrain.errors import AgentConfigError
 from callbrain.logs import configure_logging
+from callbrain.records.cli import calls_app
 from callbrain.server.app import DEFAULT_PREFIX, create_app
 from callbrain.server.process import CallbrainServer, uvicorn_config
 from callbrain.testing.chat_terminal import chat_command
@@ -255,3 +256,4 @@ def example() -> None:
 
 app.command("fake-llm")(fake_llm)
 app.command("chat")(chat_command)
+app.add_typer(calls_app, name="calls")

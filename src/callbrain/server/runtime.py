@@ -23,6 +23,7 @@ from callbrain.call.conversation import build_chat_request, render_template
 from callbrain.call.record import Observers
 from callbrain.call.session import CallSession
 from callbrain.llm import LLM, ChatRequest, create_llms
+from callbrain.records import open_recorder
 from callbrain.retell.frames import Utterance
 from callbrain.stores import GuardedStore, Store, open_store
 from callbrain.tools.idempotency import ResultStore
@@ -52,6 +53,10 @@ class AgentRuntime:
         self.store = GuardedStore(self.backend, ttl_s=settings.ttl_s, timeout_s=settings.timeout_s)
         self.toolbox = Toolbox(agent.build_tools(), ResultStore(self.store))
         self.observers = observers or Observers()
+        self.recorder = open_recorder(agent.server.records)
+        """The call records observer (None with ``server.records: false``)."""
+        if self.recorder is not None:
+            self.observers.observers.append(self.recorder)
         self._given = llm
         self._ready: LLM | None = None
         self._lock = asyncio.Lock()
@@ -67,6 +72,8 @@ class AgentRuntime:
         """Check the store and load the model: a server that cannot serve calls
         fails here, at start-up, not on its first call."""
         await self.backend.ping()
+        if self.recorder is not None:
+            await self.recorder.start()
         return await self.get_llm()
 
     async def get_llm(self) -> LLM:
@@ -127,3 +134,5 @@ class AgentRuntime:
         await self.toolbox.aclose()
         if self._owns_store:
             await self.backend.aclose()
+        if self.recorder is not None:
+            await self.recorder.aclose()
