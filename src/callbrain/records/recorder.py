@@ -66,7 +66,7 @@ class CallRecorder:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._ready = False
-        self._purged_at = 0.0
+        self._purged_at: float | None = None
         self._unlogged: dict[str, int] = {}
         self._logged_at = -_LOG_EVERY_S
 
@@ -116,6 +116,9 @@ class CallRecorder:
                 _safe_url(self.url),
                 _describe(exc),
             )
+        else:
+            logger.info("call records: writing to %s", _safe_url(self.url))
+            await self._maybe_purge()
         self._spawn()
 
     def _spawn(self) -> None:
@@ -222,7 +225,8 @@ class CallRecorder:
 
     async def _maybe_purge(self) -> None:
         now = time.monotonic()
-        if self._ready and now - self._purged_at >= _PURGE_EVERY_S:
+        due = self._purged_at is None or now - self._purged_at >= _PURGE_EVERY_S
+        if self._ready and due:
             self._purged_at = now
             await self.purge_expired()
 

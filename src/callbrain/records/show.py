@@ -147,12 +147,12 @@ def _print_turn(turn: dict[str, Any], console: Console, *, several_sockets: bool
             f"{_ms(model['first_token_ms'])} ms{tokens}{failover}",
         )
     for tool in turn["tools"]:
-        replayed = " (stored result replayed)" if tool["replayed"] else ""
+        outcome = "a repeat: its stored result" if tool["replayed"] else tool["outcome"]
         action = f" -> {tool['action']}" if tool["action"] else ""
         _line(
             console,
             "tool",
-            f"{tool['name']}({tool['arguments']}) {tool['outcome']}{replayed} in "
+            f"{tool['name']}({tool['arguments']}) {outcome} in "
             f"{_ms(tool['duration_ms'])} ms{action}",
         )
     if turn["action"]:
@@ -171,7 +171,9 @@ def _label(turn: dict[str, Any], *, several_sockets: bool) -> str:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def _when(iso: str | None) -> str:
