@@ -38,8 +38,10 @@ _PURGE_EVERY_S = 3600.0
 _LOG_EVERY_S = 60.0
 _CLOSE_TIMEOUT_S = 10.0
 
-_Item = tuple[CallRecord, TurnRecord | None]
-"""A call (its start or end) or one of its turns, to write."""
+_Item = tuple[CallKey, CallRecord, TurnRecord | None]
+"""A call (its start or end) or one of its turns, to write, with its socket's key."""
+_ROWS_PER_STEP = 25
+"""Rows made between two yields to the event loop, so a big batch holds no call up."""
 
 
 class CallRecorder:
@@ -57,12 +59,15 @@ class CallRecorder:
         self.written = 0
         self._queue: deque[_Item] = deque()
         self._keys: dict[int, CallKey] = {}
-        """Open sockets' row ids and redactors, by ``id()`` of their CallRecord."""
+        """Open sockets' row ids and redactors, by ``id()`` of their CallRecord
+        (alive until its ``call_ended``, so the id is its own until then)."""
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self._queued = 0
         self._settled = 0
         """Records queued so far, and of those, how many were written or dropped."""
+        self._drain_to = 0
+        """:meth:`flush` asked for every record up to this one to be settled."""
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._ready = False
@@ -82,16 +87,22 @@ class CallRecorder:
         self._put(call, turn)
 
     def call_ended(self, call: CallRecord) -> None:
-        self._put(call, None)
+        self._put(call, None, last=True)
 
-    def _put(self, call: CallRecord, turn: TurnRecord | None) -> None:
+    def _put(self, call: CallRecord, turn: TurnRecord | None, *, last: bool = False) -> None:
+        # The key goes with the record: once the call has ended its id() may be reused.
+        key = self._keys.pop(id(call), None) if last else self._keys.get(id(call))
+        if key is None:
+            key = CallKey.new(self.settings.redact)
+            if not last:
+                self._keys[id(call)] = key
         if self._closing:
             self._drop(1, "the recorder has stopped")
             return
         if len(self._queue) >= self.settings.max_queue:
             self._drop(1, f"{self.settings.max_queue} records were already waiting (max_queue)")
             return
-        self._queue.append((call, turn))
+        self._queue.append((key, call, turn))
         self._queued += 1
         if self._task is None:
             self._spawn()  # an app mounted in another: its lifespan did not start us
@@ -130,6 +141,7 @@ class CallRecorder:
         target = self._queued
         if self._closing:
             return
+        self._drain_to = max(self._drain_to, target)
         self._spawn()
         self._wake.set()
         async with self._progress:
@@ -163,7 +175,9 @@ class CallRecorder:
             try:
                 while self._queue:
                     await self._flush()
-                    if not self._closing and len(self._queue) < self.settings.batch_size:
+                    # A part batch waits for more, unless the queue is to be emptied.
+                    draining = self._closing or self._settled < self._drain_to
+                    if not draining and len(self._queue) < self.settings.batch_size:
                         break
                 await self._maybe_purge()
             except Exception:  # a bug here must not end the recording
@@ -176,7 +190,7 @@ class CallRecorder:
         size = min(len(self._queue), self.settings.batch_size)
         items = [self._queue.popleft() for _ in range(size)]
         try:
-            batch = self._rows(items)
+            batch = await self._rows(items)
         except Exception:
             logger.exception("call records: could not make rows of %d record(s)", size)
             self._drop(size, "they could not be made into rows")
@@ -197,21 +211,15 @@ class CallRecorder:
             self._settled += count
             self._progress.notify_all()
 
-    def _rows(self, items: list[_Item]) -> Batch:
+    async def _rows(self, items: list[_Item]) -> Batch:
         batch = Batch()
-        ended: list[int] = []
-        for call, turn in items:
-            key = self._keys.get(id(call))
-            if key is None:
-                key = self._keys[id(call)] = CallKey.new(self.settings.redact)
+        for n, (key, call, turn) in enumerate(items):
+            if n and n % _ROWS_PER_STEP == 0:
+                await asyncio.sleep(0)
             if turn is None:
                 batch.add_call(key, call)
-                if call.ended_at is not None:
-                    ended.append(id(call))  # its last record: call_ended is told last
             else:
                 batch.add_turn(key, call, turn)
-        for done in ended:
-            self._keys.pop(done, None)
         return batch
 
     async def _ensure_tables(self) -> None:

@@ -39,7 +39,7 @@ class RecordsSettings(BaseModel):
     migrate: bool = True
     """Bring the database's tables up to date when the server starts. Off: the
     database must already be up to date (``callbrain calls migrate``)."""
-    batch_size: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=100, ge=1)
     """At most this many records (turns, call starts and ends) per write."""
     flush_interval_s: float = Field(default=1.0, gt=0)
     """Records wait at most about this long before they are written."""
