@@ -46,6 +46,7 @@ def test_pii_learns_names_from_tool_arguments_and_keeps_their_shape() -> None:
         "last_name": "[name]",
         "nested": {"full_name": "[name]", "n": "[number]"},
     }
+    assert redact.text("Bye Jo.") == "Bye [name]."  # learnt from the nested key
 
 
 def test_all_text_keeps_lengths_and_keys_only() -> None:

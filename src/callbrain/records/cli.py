@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import orjson
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from callbrain.records.settings import database_url, settings_of
 
@@ -68,7 +69,8 @@ def list_command(
     if as_json:
         _print_json(found)
     elif not found:
-        _err.print(f"no calls recorded{f' for agent {name!r}' if name else ''} in {_shown(url)}")
+        shown = f"no calls recorded{f' for agent {name!r}' if name else ''} in {_shown(url)}"
+        _err.print(Text(shown), highlight=False)
     else:
         render_list(found, Console())
 
@@ -129,7 +131,8 @@ def migrate_command(db: DbOption = None, agent: AgentFileOption = None) -> None:
         before = asyncio.run(run())
     except Exception as exc:
         _fail(f"could not migrate {_shown(url)}: {exc}")
-    _err.print(f"{_shown(url)}: call records tables up to date (were at {before or 'none'})")
+    done = f"{_shown(url)}: call records tables up to date (were at {before or 'none'})"
+    _err.print(Text(done), highlight=False)
 
 
 # ------------------------------------------------------------------ helpers
@@ -169,7 +172,7 @@ def _load(call_id: str, url: str) -> dict[str, Any]:
 
     call = _read(url, lambda c: load_call(c, call_id))
     if call is None:
-        _err.print(f"[red]error:[/red] no call {call_id!r} in {_shown(url)}", highlight=False)
+        _say_error(f"no call {call_id!r} in {_shown(url)}")
         raise typer.Exit(1)
     return call
 
@@ -213,5 +216,10 @@ def _shown(url: str) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    _err.print(f"[red]error:[/red] {message}", highlight=False)
+    _say_error(message)
     raise typer.Exit(2)
+
+
+def _say_error(message: str) -> None:
+    # A Text, not markup: messages carry call ids and paths, which may hold "[".
+    _err.print(Text.assemble(("error: ", "red"), message), highlight=False)

@@ -43,21 +43,22 @@ class Redactor:
         return self.mode != "none"
 
     def learn(self, values: dict[str, Any]) -> None:
-        """Remember the values of name-like keys (variables or tool arguments)."""
+        """Remember the values of name-like keys (variables or tool arguments, nested too)."""
         if self.mode != "pii":
             return
-        found = {
-            word
-            for key, value in values.items()
-            if isinstance(value, str) and _NAME_KEY.search(key)
-            for word in re.findall(r"\w{2,}", value)
-        }
+        found = set(_names_in(values))
         if found - self._names:
             self._names |= found
             words = sorted(self._names, key=len, reverse=True)
             self._name_pattern = re.compile(
                 r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE
             )
+
+    def learn_arguments(self, arguments: str) -> None:
+        """:meth:`learn` from a tool call's JSON arguments."""
+        parsed = _object(arguments) if self.mode == "pii" else None
+        if parsed is not None:
+            self.learn(parsed)
 
     def text(self, value: str) -> str:
         if self.mode == "none" or not value:
@@ -81,11 +82,8 @@ class Redactor:
         """Tool arguments (JSON text): values redacted, keys kept."""
         if self.mode == "none":
             return arguments
-        try:
-            parsed = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            return self.text(arguments)
-        if not isinstance(parsed, dict):
+        parsed = _object(arguments)
+        if parsed is None:
             return self.text(arguments)
         return orjson.dumps(self.variables(parsed)).decode()
 
@@ -102,6 +100,22 @@ class Redactor:
         if self.mode == "pii" and _NAME_KEY.search(key):
             return "[name]"
         return self.text(value)
+
+
+def _names_in(values: dict[str, Any]) -> Any:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _names_in(value)
+        elif isinstance(value, str) and _NAME_KEY.search(key):
+            yield from re.findall(r"\w{2,}", value)
+
+
+def _object(text: str) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _number(match: re.Match[str]) -> str:

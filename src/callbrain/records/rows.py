@@ -75,7 +75,7 @@ def call_row(key: CallKey, call: CallRecord) -> Row:
 def turn_row(key: CallKey, call: CallRecord, turn: TurnRecord) -> Row:
     redact = key.redactor
     for tool in turn.tools:  # names first, so the texts below lose them too
-        redact.arguments(tool.arguments)
+        redact.learn_arguments(tool.arguments)
     timings = turn.timings_ms()
     return {
         "call_key": key.id,

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -45,8 +46,8 @@ def render_list(calls: list[Call], console: Console) -> None:
         end = call["end"] + (f" ({call['reconnects']} reconnects)" if call["reconnects"] else "")
         table.add_row(
             _when(call["started_at"]),
-            call["call_id"],
-            call["agent"],
+            Text(call["call_id"]),
+            Text(call["agent"]),
             "-" if call["duration_s"] is None else f"{call['duration_s']:.1f} s",
             str(call["turns"]),
             "-"
@@ -122,26 +123,32 @@ def _bar(timings: dict[str, float | None], scale: float, width: int) -> Text:
 
 
 def _print_turn(turn: dict[str, Any], console: Console, *, several_sockets: bool) -> None:
-    head = Text.assemble(
-        (f"\n[{_label(turn, several_sockets=several_sockets)}] ", "bold"),
-        f"{turn['kind']} ",
-        (turn["outcome"], _OUTCOME_STYLES.get(turn["outcome"], "")),
-        f"  at {turn['at_ms'] / 1000:.1f} s",
+    console.print(
+        Text.assemble(
+            (f"\n[{_label(turn, several_sockets=several_sockets)}] ", "bold"),
+            f"{turn['kind']} ",
+            (turn["outcome"], _OUTCOME_STYLES.get(turn["outcome"], "")),
+            f"  at {turn['at_ms'] / 1000:.1f} s",
+        )
     )
-    console.print(head)
+    # Texts, not strings: a cell string is read as markup, and "[name]" is redacted text.
+    lines = Table.grid(padding=(0, 2), pad_edge=True)
+    lines.add_column(justify="right", style="dim", no_wrap=True)
+    lines.add_column()
+
+    def row(label: str, text: str, style: str = "") -> None:
+        lines.add_row(label, Text(text, style=style))
+
     if turn["caller_text"]:
-        _line(console, "caller", turn["caller_text"])
+        row("caller", turn["caller_text"])
     spoken = turn["spoken"] or "(nothing)"
-    if turn["outcome"] == "superseded":
-        spoken += "  ✂ cut off here"
-    _line(console, "agent", spoken)
+    row("agent", spoken + ("  ✂ cut off here" if turn["outcome"] == "superseded" else ""))
     for model in turn["models"]:
         tokens = ""
         if model["input_tokens"] is not None or model["output_tokens"] is not None:
             tokens = f", {model['input_tokens']} in / {model['output_tokens']} out tokens"
         failover = "".join(f"; failed over from {f}" for f in model["failovers"])
-        _line(
-            console,
+        row(
             "model",
             f"{model['provider']}/{model['model']} {model['outcome']}, first token "
             f"{_ms(model['first_token_ms'])} ms{tokens}{failover}",
@@ -149,20 +156,16 @@ def _print_turn(turn: dict[str, Any], console: Console, *, several_sockets: bool
     for tool in turn["tools"]:
         outcome = "a repeat: its stored result" if tool["replayed"] else tool["outcome"]
         action = f" -> {tool['action']}" if tool["action"] else ""
-        _line(
-            console,
+        row(
             "tool",
             f"{tool['name']}({tool['arguments']}) {outcome} in "
             f"{_ms(tool['duration_ms'])} ms{action}",
         )
     if turn["action"]:
-        _line(console, "action", turn["action"])
+        row("action", turn["action"])
     if turn["error"]:
-        _line(console, "error", turn["error"], style="red")
-
-
-def _line(console: Console, label: str, text: str, style: str = "") -> None:
-    console.print(Text.assemble((f"  {label:>7}  ", "dim"), (text, style)), soft_wrap=False)
+        row("error", turn["error"], style="red")
+    console.print(Padding(lines, (0, 0, 0, 2)))
 
 
 def _label(turn: dict[str, Any], *, several_sockets: bool) -> str:
