@@ -232,3 +232,28 @@ async def test_many_calls_at_once_are_all_written(tmp_path: Path) -> None:
     assert sorted(c["call_id"] for c in listed) == sorted(f"many-{n}" for n in range(12))
     assert {c["turns"] for c in listed} == {3}
     assert all(c["end"] == "hangup" for c in listed)
+
+
+async def test_failovers_and_the_fallback_line_are_on_the_record(tmp_path: Path) -> None:
+    database = str(tmp_path / "calls.db")
+    async with (
+        FakeOpenAIServer(Reply(status=500), Reply(status=500)) as primary,
+        FakeOpenAIServer(Reply("From the backup."), Reply(status=500)) as backup,
+    ):
+        agent = clinic_agent(primary, RecordsSettings(url=database))
+        spare = agent.llm.model_copy(update={"base_url": backup.base_url, "model": "backup-model"})
+        agent = agent.model_copy(update={"fallback_llms": [spare]})
+        async with serve_agent(agent) as url, RetellClient.connect(url, "failing") as call:
+            await call.expect_config()
+            await call.expect_begin()
+            assert (await call.ask("First?")).text == "From the backup."
+            assert (await call.ask("Second?")).text == agent.fallback_message
+    _, saved, failed = (await read_call(database, "failing"))["turns"]
+    [model] = saved["models"]
+    assert (model["provider"], model["model"], model["outcome"]) == ("openai", "backup-model", "ok")
+    [failover] = model["failovers"]
+    assert failover.startswith("openai/gpt-4o-mini: ")
+    assert saved["outcome"] == "completed" and saved["error"] is None
+    assert failed["outcome"] == "fallback"
+    assert failed["spoken"] == agent.fallback_message
+    assert failed["error"].startswith("model failed")
