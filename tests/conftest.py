@@ -8,7 +8,9 @@ import contextlib
 import os
 import shutil
 import signal
+import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,23 @@ from callbrain.testing.fake_llm import FakeLLMServer
 from callbrain.testing.serve import free_port
 
 MakeLLM = Callable[..., Any]
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CALLBRAIN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def _records_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("xdg-data")
+
+
+@pytest.fixture(autouse=True)
+def _records_stay_in_tmp(_records_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Call records are on by default, in $XDG_DATA_HOME: every app a test starts
+    (and every `callbrain` process it runs) writes there, never to the developer's
+    own database. One place for the session, so the tables are made once."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(_records_home))
 
 
 @pytest.fixture
@@ -110,3 +129,26 @@ async def redis_server() -> AsyncIterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest_asyncio.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A database of this test's own on the PostgreSQL at 127.0.0.1:5432 (trust
+    auth, reached through its ``test`` database), dropped afterwards."""
+    import asyncpg
+
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CALLBRAIN_REQUIRE_POSTGRES") == "1":
+            pytest.fail(
+                f"PostgreSQL is not reachable, and CALLBRAIN_REQUIRE_POSTGRES=1 (CI): {exc}"
+            )
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}; CI runs these: {exc}")
+    name = f"callbrain_test_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

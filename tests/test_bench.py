@@ -73,6 +73,8 @@ async def test_bench_starts_its_own_server_and_reports_every_number() -> None:
     for counter in ("missed_pings", "stale_frames", "incomplete_turns", "errors"):
         assert run[counter] == 0, (counter, run)
     assert run["server_cpu_s"] > 0 and run["server_peak_rss_mb"] > 10
+    assert run["server_cpu_ms_per_turn"] > 0
+    assert report["records"] is True  # as in production: the cost of recording is in
     assert report["fake_llm"]["ttft_s"] == 0.05 and report["fake_llm"]["cpu_s"] >= 0
     assert "added latency" in err  # the table, on stderr when the JSON is on stdout
 
@@ -117,8 +119,10 @@ async def test_compare_runs_the_same_load_against_a_second_server() -> None:
             str(port),
             "--compare",
             other,
+            "--no-records",
         )
     assert code == 0, err
+    assert report["records"] is False
     second = report["compare"]
     assert second["target"] == other and "server_cpu_s" not in second
     assert second["connected"] == 3 and second["errors"] == 0 and second["turns"] > 0
@@ -170,6 +174,15 @@ async def test_an_unreachable_server_is_an_error_not_a_crash() -> None:
     report = await run_load(f"ws://127.0.0.1:{free_port()}/llm-websocket", options)
     assert report.connected == 0 and report.errors == 2
     assert "could not connect" in report.error_samples[0]
+
+
+def test_the_bench_agent_records_to_its_own_file_or_not_at_all() -> None:
+    from callbrain.records.settings import RecordsSettings
+    from callbrain.testing.bench_run import bench_agent
+
+    on = Agent.model_validate(bench_agent("http://127.0.0.1:1/v1", records="/tmp/bench/calls.db"))
+    assert on.server.records == RecordsSettings(url="/tmp/bench/calls.db")
+    assert Agent.model_validate(bench_agent("http://127.0.0.1:1/v1")).server.records is False
 
 
 def test_percentiles() -> None:

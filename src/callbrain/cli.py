@@ -18,6 +18,7 @@ from callbrain.agent import Agent, example_agent_path
 from callbrain.errors import AgentConfigError
 from callbrain.extras import MissingExtraError
 from callbrain.logs import configure_logging
+from callbrain.records.cli import calls_app
 from callbrain.server.app import DEFAULT_PREFIX, create_app
 from callbrain.server.process import CallbrainServer, raise_open_file_limit, uvicorn_config
 from callbrain.testing.chat_terminal import chat_command
@@ -196,6 +197,13 @@ def bench(
         Path | None, typer.Option("--json", help="Write the JSON report here ('-': stdout).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for repeatable call scripts.")] = None,
+    records: Annotated[
+        bool,
+        typer.Option(
+            "--records/--no-records",
+            help="Whether the server started here records its calls (to a file of its own).",
+        ),
+    ] = True,
 ) -> None:
     """Load a server with simulated calls; report added latency, pings and protocol errors."""
     from callbrain.testing.bench import LoadOptions
@@ -211,13 +219,19 @@ def bench(
         seed=seed,
     )
     model = FakeModel(ttft_s=ttft, token_rate=token_rate, provider=provider)
+    here = f"callbrain serve (started here, records {'on' if records else 'off'})"
     console.print(
         f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
-        f"{url or 'callbrain serve (started here)'}" + (f", then {compare}" if compare else ""),
+        f"{url or here}" + (f", then {compare}" if compare else ""),
         highlight=False,
     )
     bench_run = run_bench(
-        _ws_url(url), options, model, compare=_ws_url(compare), fake_llm_port=fake_llm_port
+        _ws_url(url),
+        options,
+        model,
+        compare=_ws_url(compare),
+        fake_llm_port=fake_llm_port,
+        records=records,
     )
     try:
         # uvloop (installed with uvicorn[standard]) halves the simulated callers' own
@@ -264,3 +278,4 @@ def example() -> None:
 
 app.command("fake-llm")(fake_llm)
 app.command("chat")(chat_command)
+app.add_typer(calls_app, name="calls")

@@ -67,6 +67,8 @@ class ModelRecord:
     failovers: list[str] = field(default_factory=list)
     """``provider/model: reason`` for each provider that failed before this one answered."""
     outcome: str = "open"
+    text: str = ""
+    """What the model said (without the holding lines and fillers spoken around it)."""
 
 
 @dataclass(slots=True)
@@ -114,6 +116,8 @@ class CallRecord:
     agent: str
     started_at: float = field(default_factory=time.time)
     """Wall-clock start (Unix seconds)."""
+    started_perf: float = field(default_factory=time.perf_counter)
+    """The same moment as a perf_counter reading, to place the turns' timings in the call."""
     ended_at: float | None = None
     end: CallEnd = "open"
     socket_number: int = 1

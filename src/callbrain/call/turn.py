@@ -155,6 +155,7 @@ class Turn:
                         self._check_limits()
         finally:
             _copy_metrics(stream, model)
+            model.text = "".join(text)
         return "".join(text), calls
 
     def _check_limits(self) -> None:

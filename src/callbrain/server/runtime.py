@@ -27,6 +27,7 @@ from callbrain.call.session import CallSession
 from callbrain.errors import AgentConfigError
 from callbrain.extras import MissingExtraError
 from callbrain.llm import LLM, ChatRequest, LLMError, create_llms
+from callbrain.records import open_recorder
 from callbrain.retell.frames import Utterance
 from callbrain.stores import GuardedStore, Store, open_store
 from callbrain.tools.idempotency import ResultStore
@@ -64,6 +65,10 @@ class AgentRuntime:
         self.store = GuardedStore(self.backend, ttl_s=settings.ttl_s, timeout_s=settings.timeout_s)
         self.toolbox = Toolbox(agent.build_tools(), ResultStore(self.store))
         self.observers = observers or Observers()
+        self.recorder = open_recorder(agent.server.records)
+        """The call records observer (None with ``server.records: false``)."""
+        if self.recorder is not None:
+            self.observers.observers.append(self.recorder)
         self._owns_llm = llm is None
         self.llm = llm if llm is not None else _build_llm(agent)
         self._ready = False
@@ -81,6 +86,8 @@ class AgentRuntime:
         """Check the store and load the model: a server that cannot serve calls
         fails here, at start-up, not on its first call."""
         await self.backend.ping()
+        if self.recorder is not None:
+            await self.recorder.start()
         return await self.get_llm()
 
     async def get_llm(self) -> LLM:
@@ -136,3 +143,5 @@ class AgentRuntime:
         await self.toolbox.aclose()
         if self._owns_store:
             await self.backend.aclose()
+        if self.recorder is not None:
+            await self.recorder.aclose()

@@ -14,6 +14,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from callbrain.observe.settings import MetricsSettings, TracingSettings
+from callbrain.records.settings import RecordsSettings
 
 RETELL_IPS = ("100.20.5.228/32",)
 """Retell's published outbound address (protocol reference, section 5)."""
@@ -120,6 +121,9 @@ class ServerSettings(_Settings):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    records: RecordsSettings | bool = True
+    """Every call and turn in a database (see docs/call-records.md): ``false``
+    turns it off; ``true``, the default SQLite file; a mapping, the settings."""
     drain_s: float = Field(default=30.0, ge=0)
     """On SIGTERM: how long calls in progress may go on before their open turns
     are finished and their connections dropped (so Retell reconnects elsewhere)."""

@@ -145,8 +145,11 @@ async def sampled(process: psutil.Process | None) -> AsyncIterator[ProcessUsage]
             usage.cpu_s = cpu() - before
 
 
-def bench_agent(llm_url: str, provider: str = "openai") -> dict[str, Any]:
-    """The agent the bench serves: a short greeting, no tools, the fake model."""
+def bench_agent(
+    llm_url: str, provider: str = "openai", records: str | None = None
+) -> dict[str, Any]:
+    """The agent the bench serves: a short greeting, no tools, the fake model;
+    its call records in the SQLite file ``records`` (None: recording off)."""
     return {
         "name": "bench",
         "system_prompt": "You are a receptionist. Answer in one or two short sentences.",
@@ -158,6 +161,7 @@ def bench_agent(llm_url: str, provider: str = "openai") -> dict[str, Any]:
             "api_key": "bench",
             "max_retries": 0,
         },
+        "server": {"records": {"url": records} if records is not None else False},
     }
 
 
@@ -172,13 +176,16 @@ async def fake_model(model: FakeModel, port: int) -> AsyncIterator[psutil.Proces
 
 @contextlib.asynccontextmanager
 async def callbrain_server(
-    llm_url: str, provider: str = "openai"
+    llm_url: str, provider: str = "openai", *, records: bool = True
 ) -> AsyncIterator[tuple[str, psutil.Process]]:
-    """``callbrain serve`` on the bench agent; yields its Retell URL and its process."""
+    """``callbrain serve`` on the bench agent; yields its Retell URL and its process.
+    Its call records (on by default, as in production) go to a file of its own."""
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         agent = Path(folder) / "bench-agent.yaml"
-        agent.write_text(yaml.safe_dump(bench_agent(llm_url, provider)), encoding="utf-8")
+        database = str(Path(folder) / "bench-calls.db") if records else None
+        spec = bench_agent(llm_url, provider, database)
+        agent.write_text(yaml.safe_dump(spec), encoding="utf-8")
         args = ["serve", "--agent", str(agent), "--port", str(port), "--log-level", "warning"]
         async with child(args, port, "callbrain serve") as process:
             yield f"ws://127.0.0.1:{port}{DEFAULT_PREFIX}", process
@@ -193,6 +200,9 @@ async def bench_one(
     result = {"target": url, **report.to_json()}
     if server is not None:
         result["server_cpu_s"] = round(usage.cpu_s, 2)
+        result["server_cpu_ms_per_turn"] = (
+            round(usage.cpu_s * 1000 / report.turns, 2) if report.turns else None
+        )
         result["server_peak_rss_mb"] = round(usage.peak_rss_mb, 1)
     return result
 
@@ -204,8 +214,10 @@ async def run_bench(
     *,
     compare: str | None = None,
     fake_llm_port: int | None = None,
+    records: bool = True,
 ) -> dict[str, Any]:
-    """The whole ``callbrain bench`` run: the report as the JSON it prints."""
+    """The whole ``callbrain bench`` run: the report as the JSON it prints.
+    ``records``: whether the server started here records its calls."""
     limit = raise_open_files_limit()
     result: dict[str, Any] = {
         "options": {**asdict(options), "ramp_s": options.ramp},
@@ -213,6 +225,8 @@ async def run_bench(
         "open_files_limit": limit,
         "cores": os.cpu_count(),
     }
+    if url is None:
+        result["records"] = records
     async with contextlib.AsyncExitStack() as stack:
         fake = None
         if url is None or fake_llm_port is not None:
@@ -223,7 +237,7 @@ async def run_bench(
             result["fake_llm"]["url"] = f"http://127.0.0.1:{port}{suffix}"
         server = None
         if url is None:
-            served = callbrain_server(result["fake_llm"]["url"], model.provider)
+            served = callbrain_server(result["fake_llm"]["url"], model.provider, records=records)
             target, server = await stack.enter_async_context(served)
         else:
             target = url
@@ -269,6 +283,7 @@ def print_report(result: dict[str, Any], console: Console) -> None:
         ("incomplete turns", lambda r: str(r["incomplete_turns"])),
         ("errors", lambda r: str(r["errors"])),
         ("server CPU s", lambda r: str(r.get("server_cpu_s", "-"))),
+        ("server CPU ms per turn", lambda r: str(r.get("server_cpu_ms_per_turn", "-"))),
         ("server peak RSS MB", lambda r: str(r.get("server_peak_rss_mb", "-"))),
         ("bench loop lag p99 ms", lambda r: _ms(r["client_loop_lag_ms"], ("p99",))),
     ]
