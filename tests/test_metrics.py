@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -240,6 +241,24 @@ async def test_the_records_dropped_count_is_read_at_each_scrape(
         served.app.state.telemetry.metrics.count_records_dropped(lambda: dropped[0])
         dropped[0] = 5
         assert value(await scrape(served.http), "callbrain_records_dropped_total") == 5
+
+
+async def test_records_the_database_could_not_take_are_exported(
+    primary: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory: no database can be made under it")
+    records = {"url": str(blocker / "calls.db"), "flush_interval_s": 0.01}
+    async with serve(make_agent(primary, records=records)) as served:
+        recorder = served.app.state.runtime.recorder
+        async with RetellClient.connect(served.ws, "call-1") as call:
+            await call.expect_config()
+            await call.expect_begin()
+        await served.probe.wait(1)
+        await recorder.flush()
+        samples = await scrape(served.http)
+    assert recorder.dropped > 0
+    assert value(samples, "callbrain_records_dropped_total") == recorder.dropped
 
 
 async def test_each_app_counts_its_own_calls(primary: FakeOpenAIServer) -> None:

@@ -76,6 +76,9 @@ def create_app(
     telemetry = Telemetry(agent.server)  # tracing without its extra fails here
     runtime = AgentRuntime(agent, llm, store, Observers([*telemetry.observers, *observers]))
     telemetry.know_tools(runtime.toolbox.tools)
+    if telemetry.metrics is not None and runtime.recorder is not None:
+        recorder = runtime.recorder
+        telemetry.metrics.count_records_dropped(lambda: recorder.dropped)
     # Sync webhook handlers' own threads, never the calls' (hung ones must not starve tools).
     handler_threads = HandlerThreads(agent.server.webhooks.handler_threads)
     # A bad handler reference fails here.
