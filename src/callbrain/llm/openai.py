@@ -59,6 +59,7 @@ class OpenAILLM(LLM):
                 provider="openai",
                 key_envs=("OPENAI_API_KEY",),
                 base_url_env="OPENAI_BASE_URL",
+                aiohttp_client=openai.DefaultAioHttpClient,
             )
         )
 
