@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from records_support import read_list
+from sqlalchemy import text
 
 from callbrain.call.record import CallRecord, ModelRecord, ToolRecord, TurnRecord
-from callbrain.records.database import check_schema, migrate, open_engine
+from callbrain.records.database import _alembic_config, check_schema, migrate, open_engine
 from callbrain.records.recorder import CallRecorder
 from callbrain.records.schema import metadata
 from callbrain.records.settings import RecordsSettings, database_url
@@ -24,11 +26,43 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+HEAD = "0002"
+
+
+async def test_a_database_made_by_an_earlier_release_is_upgraded_in_place(database: str) -> None:
+    engine = open_engine(database_url(database))
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(lambda c: _upgrade_to(c, "0001"))
+            for insert in (
+                "INSERT INTO calls (id, call_id, socket_number, agent, started_at, "
+                "end_reason, variables, tags) "
+                "VALUES ('k', 'c', 1, 'a', CURRENT_TIMESTAMP, 'hangup', '{}', '{}')",
+                "INSERT INTO turns (call_key, response_id, kind, outcome, at_ms, caller_text, "
+                "spoken) VALUES ('k', 1, 'response', 'completed', 0, 'Hi', 'Hello')",
+            ):
+                await connection.execute(text(insert))
+        assert await migrate(engine) == "0001"
+        await check_schema(engine)
+        async with engine.connect() as connection:
+            row = (await connection.execute(text("SELECT * FROM turns"))).mappings().one()
+        assert row["spoken"] == "Hello" and row["speculation"] is None
+        assert row["speculation_wasted"] == 0
+    finally:
+        await engine.dispose()
+
+
+def _upgrade_to(connection: Any, revision: str) -> None:
+    from alembic import command
+
+    command.upgrade(_alembic_config(connection), revision)
+
+
 async def test_the_migrations_make_exactly_the_tables_the_code_uses(database: str) -> None:
     engine = open_engine(database_url(database))
     try:
         assert await migrate(engine) is None  # a new database
-        assert await migrate(engine) == "0001"  # the second run changes nothing
+        assert await migrate(engine) == HEAD  # the second run changes nothing
         await check_schema(engine)
         async with engine.connect() as connection:
             differences = await connection.run_sync(

@@ -328,7 +328,7 @@ async def test_a_request_that_cannot_be_built_gets_the_fallback_line(
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("template engine exploded")
 
-    monkeypatch.setattr("callbrain.call.session.build_chat_request", broken)
+    monkeypatch.setattr("callbrain.call.responder.build_chat_request", broken)
     llm = ScriptedLLM()
     async with session(make_agent(), llm) as (_, wire):
         await opened(wire)

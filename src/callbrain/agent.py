@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from callbrain.call.speculation import SpeculationSettings
 from callbrain.errors import AgentConfigError, describe
 from callbrain.llm.config import LLMConfig, LocalConfig
 from callbrain.server.settings import ServerSettings
@@ -112,6 +113,9 @@ class Agent(BaseModel):
     minutes of speech, so only a model that never stops reaches it."""
     max_response_s: float = Field(default=60.0, gt=0)
     """Likewise for time: no response streams for longer than this."""
+    speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
+    """Start the model on the caller's finished sentence, before Retell asks
+    (see :mod:`callbrain.call.speculation`)."""
 
     @model_validator(mode="after")
     def _details_needed(self) -> Agent:

@@ -294,3 +294,11 @@ def _newest_within(sizes: list[int], limit: int) -> int:
         start -= 1
         budget -= sizes[start]
     return start
+
+
+def last_caller_text(transcript: Sequence[Utterance]) -> str:
+    """The caller's last words, if the caller spoke last (else "": the agent did)."""
+    for utterance in reversed(transcript):
+        if utterance.content.strip():
+            return "" if utterance.is_agent else utterance.content.strip()
+    return ""

@@ -91,6 +91,13 @@ class TurnRecord:
     action: str | None = None
     error: str | None = None
     """Why the fallback line was spoken, for the log and the record (never the caller)."""
+    speculation: Literal["hit", "miss"] | None = None
+    """Whether the answer was started before the request (see
+    :mod:`callbrain.call.speculation`): ``hit`` it was, ``miss`` a held answer
+    did not match and was dropped, None no answer was held."""
+    speculation_wasted: int = 0
+    """Output chunks (about a token each) of speculative answers dropped since the
+    previous request."""
 
     def timings_ms(self) -> dict[str, float | None]:
         """Milliseconds from the request's arrival to each step (None if not reached)."""
@@ -193,3 +200,43 @@ class Observers:
 
 def _methods(observers: list[CallObserver], name: str) -> list[Any]:
     return [method for o in observers if callable(method := getattr(o, name, None))]
+
+
+class CallLog:
+    """One call's record as it is written: opens and closes its turns, and tells
+    the observers, once each, as it goes."""
+
+    def __init__(self, record: CallRecord, observers: Observers) -> None:
+        self.record = record
+        self.observers = observers
+        self._open: dict[int, TurnRecord] = {}
+
+    def open_turn(self, response_id: int, kind: TurnKind) -> TurnRecord:
+        turn = TurnRecord(response_id, kind, arrived=time.perf_counter())
+        self._open[response_id] = turn
+        self.record.turns.append(turn)
+        self.observers.turn_started(self.record, turn)
+        return turn
+
+    def turn(self, response_id: int) -> TurnRecord | None:
+        """The open turn of ``response_id``, if it is still open."""
+        return self._open.get(response_id)
+
+    def close_turn(self, response_id: int, outcome: TurnOutcome) -> None:
+        """The turn is over: ``outcome`` unless the turn already set its own."""
+        turn = self._open.pop(response_id, None)
+        if turn is None:
+            return
+        if turn.outcome == "open":
+            turn.outcome = outcome
+        self.observers.turn_ended(self.record, turn)
+
+    def end(self, how: CallEnd) -> None:
+        """The call is over: ``how`` unless it was already known; open turns end
+        as drained or dropped."""
+        if self.record.end == "open":
+            self.record.end = how
+        for response_id in list(self._open):
+            self.close_turn(response_id, "drained" if self.record.end == "drain" else "dropped")
+        self.record.ended_at = time.time()
+        self.observers.call_ended(self.record)

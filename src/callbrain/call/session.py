@@ -36,22 +36,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from callbrain.agent import Agent
 from callbrain.call.control import CallControl, CallHook
 from callbrain.call.conversation import (
     ToolExchange,
-    build_chat_request,
     fit_transcript,
+    last_caller_text,
     render_template,
 )
 from callbrain.call.memory import CallMemory, MemoryKeeper
-from callbrain.call.record import CallRecord, Observers, TurnRecord
+from callbrain.call.record import CallLog, CallRecord, Observers, TurnOutcome, TurnRecord
+from callbrain.call.responder import Responder
+from callbrain.call.sender import Sender, Transport
 from callbrain.call.state import CallState, Lifecycle
-from callbrain.call.turn import Turn
 from callbrain.llm.base import LLM
-from callbrain.llm.chat import ChatRequest
 from callbrain.retell.frames import (
     CallDetails,
     ConfigFlags,
@@ -61,14 +61,12 @@ from callbrain.retell.frames import (
     PingPong,
     PingPongFrame,
     ReminderRequired,
-    ResponseFrame,
     ResponseRequired,
     TurnRequest,
     UnknownInteraction,
     UpdateOnly,
     Utterance,
     dynamic_variables,
-    encode,
     parse_inbound,
 )
 from callbrain.retell.ledger import BEGIN_ID, ResponseLedger
@@ -87,20 +85,6 @@ CLOSE_INTERNAL_ERROR = 1011
 
 # Fields of the call object that prompts may use as {{variables}} too.
 _CALL_FIELDS = ("call_id", "call_type", "direction", "from_number", "to_number", "agent_id")
-
-
-class Transport(Protocol):
-    """The socket as the session sees it; the server adapts Starlette's WebSocket to it."""
-
-    close_code: int | None
-    """How the peer closed, once :meth:`receive` has returned None (None if unknown)."""
-
-    async def receive(self) -> str | bytes | None:
-        """The next frame (text or binary), or None once the peer has gone."""
-
-    async def send_text(self, text: str) -> None: ...
-
-    async def close(self, code: int) -> None: ...
 
 
 class CallSession:
@@ -151,18 +135,25 @@ class CallSession:
         )
         self.record = CallRecord(call_id, agent.name, variables=self.variables, tags=tags or {})
         self._observers = observers or Observers()
+        self._log = CallLog(self.record, self._observers)
+        self._sender = Sender(transport, self.ledger, self.lifecycle)
         self._on_call_start = on_call_start
         self._limits = limits if limits is not None else agent.server.access
         self._memory = MemoryKeeper(store, call_id, on_restored=self._resume_late)
         self._sockets = 1
-        self._turns: dict[int, TurnRecord] = {}
         self._transcript_cut = False  # the first cut is a warning, later ones debug
         self._turn: asyncio.Task[None] | None = None
         self._begin: asyncio.Task[None] | None = None
         self._hook: asyncio.Task[None] | None = None
         self._details_arrived = asyncio.Event()
-        self._send_lock = asyncio.Lock()
-        self._holding_lines = 0
+        self._responder = Responder(
+            agent=agent,
+            llm=llm,
+            runner=self.runner,
+            send=self._send_response,
+            variables=self.variables,
+            history=lambda: self.tool_history,
+        )
 
     @property
     def resumed(self) -> bool:
@@ -195,7 +186,6 @@ class CallSession:
         except Exception:
             logger.exception("session failed; closing the socket with %d", CLOSE_INTERNAL_ERROR)
             self.record.end = "error"
-            self.lifecycle.to(CallState.CLOSED)
             with contextlib.suppress(Exception):
                 await self._transport.close(CLOSE_INTERNAL_ERROR)
         finally:
@@ -222,17 +212,10 @@ class CallSession:
             await self._dispatch(raw)
 
     async def _end(self) -> None:
-        if self.record.end == "open":
-            self.record.end = "drain" if self.lifecycle.draining else "drop"
         self.lifecycle.to(CallState.CLOSED)
         await self._stop_tasks()
         await self._memory.flush()
-        for turn in self._turns.values():
-            if turn.outcome == "open":
-                turn.outcome = "drained" if self.record.end == "drain" else "dropped"
-                self._observers.turn_ended(self.record, turn)
-        self.record.ended_at = time.time()
-        self._observers.call_ended(self.record)
+        self._log.end("drain" if self.lifecycle.draining else "drop")
         logger.info("call ended (%s)", self.record.end)
 
     async def _dispatch(self, raw: str | bytes) -> None:
@@ -264,6 +247,8 @@ class CallSession:
             self.transcript = frame.transcript
             if frame.turntaking is not None:
                 self.turntaking = frame.turntaking
+            if self.ledger.owed is None:  # nobody is speaking: it may be worth a head start
+                self._responder.consider(frame)
         elif isinstance(frame, CallDetails):
             self._take_call_details(frame.call)
             self._remember()
@@ -306,11 +291,11 @@ class CallSession:
             return
         # From here on the older id is superseded: the ledger refuses it.
         self.transcript = frame.transcript
-        self._close_record(superseded.previous, "superseded")
-        record = self._open_record(
+        self._log.close_turn(superseded.previous, "superseded")
+        record = self._log.open_turn(
             rid, "reminder" if isinstance(frame, ReminderRequired) else "response"
         )
-        record.caller_text = _last_caller_text(frame.transcript)
+        record.caller_text = last_caller_text(frame.transcript)
         if self._turn is not None and not self._turn.done():
             self._turn.cancel()
             if superseded.was_open:
@@ -325,21 +310,6 @@ class CallSession:
 
     # --------------------------------------------------------------------- turns
 
-    def _open_record(self, response_id: int, kind: Any) -> TurnRecord:
-        record = TurnRecord(response_id, kind, arrived=time.perf_counter())
-        self._turns[response_id] = record
-        self.record.turns.append(record)
-        self._observers.turn_started(self.record, record)
-        return record
-
-    def _close_record(self, response_id: int, outcome: Any) -> None:
-        record = self._turns.pop(response_id, None)
-        if record is None:
-            return
-        if record.outcome == "open":
-            record.outcome = outcome
-        self._observers.turn_ended(self.record, record)
-
     async def _greet_after_details(self) -> None:
         try:
             async with asyncio.timeout(self.agent.call_details_timeout_s):
@@ -352,7 +322,7 @@ class CallSession:
         await self._greet()
 
     async def _greet(self) -> None:
-        record = self._open_record(BEGIN_ID, "begin")
+        record = self._log.open_turn(BEGIN_ID, "begin")
         text = ""
         if not self.resumed:  # a reconnect: the caller heard the greeting long ago
             text, missing = render_template(self.agent.begin_message, self.variables)
@@ -362,20 +332,11 @@ class CallSession:
             record.spoken = text.strip()
             record.first_frame = record.completed = time.perf_counter()
             record.outcome = "completed"
-        self._close_record(BEGIN_ID, "superseded")
+        self._log.close_turn(BEGIN_ID, "superseded")
 
     async def _respond(self, frame: TurnRequest, record: TurnRecord) -> None:
         rid = frame.response_id
-        turn = Turn(
-            record=record,
-            build_request=lambda: self._chat_request(frame),
-            anchor=len(frame.transcript),
-            agent=self.agent,
-            llm=self.llm,
-            runner=self.runner,
-            send=self._send_response,
-            holding_line=self._next_holding_line,
-        )
+        turn = self._responder.turn(frame, record)
         await turn.run()
         if record.outcome != "open":
             timings = record.timings_ms()
@@ -386,15 +347,15 @@ class CallSession:
                 timings["first_frame"],
                 timings["complete"],
             )
-        self._close_record(rid, "superseded")
+        self._log.close_turn(rid, "superseded")
 
-    async def _complete_empty(self, response_id: int, outcome: Any) -> None:
+    async def _complete_empty(self, response_id: int, outcome: TurnOutcome) -> None:
         if await self._send_response(response_id, "", complete=True):
-            record = self._turns.get(response_id)
+            record = self._log.turn(response_id)
             if record is not None:
                 record.outcome = outcome
                 record.completed = time.perf_counter()
-        self._close_record(response_id, outcome)
+        self._log.close_turn(response_id, outcome)
 
     async def finish_turns(self, grace: float) -> None:
         """For a shutdown: let the open turn end by itself for up to ``grace``
@@ -417,32 +378,6 @@ class CallSession:
         if owed is not None and owed != BEGIN_ID:
             logger.info("response %d ended for the shutdown", owed)
             await self._complete_empty(owed, "drained")
-
-    def _chat_request(self, frame: TurnRequest) -> ChatRequest:
-        reminder = isinstance(frame, ReminderRequired)
-        woven = frame.transcript_with_tool_calls
-        request, missing = build_chat_request(
-            system_prompt=self.agent.system_prompt,
-            transcript=frame.transcript,
-            variables=self.variables,
-            max_messages=self.agent.max_history_messages,
-            reminder_prompt=self.agent.reminder_prompt if reminder else None,
-            tools=[tool.spec for tool in self.runner.tools.values()],
-            history=self.tool_history,
-            # Retell's woven transcript, when asked for, is the record of tool calls.
-            woven=woven if self.agent.retell_config.transcript_with_tool_calls else None,
-        )
-        if missing:
-            logger.warning("system_prompt variables without a value: %s", ", ".join(missing))
-        return request
-
-    def _next_holding_line(self) -> str:
-        """The agent's holding lines in turn, so a caller does not hear the same one twice."""
-        lines = self.agent.holding_messages
-        if not lines:
-            return ""
-        self._holding_lines += 1
-        return lines[(self._holding_lines - 1) % len(lines)]
 
     def _record_tool_run(self, run: ToolRun, anchor: int) -> None:
         self.tool_history.append(ToolExchange(anchor, run.call, run.output))
@@ -509,43 +444,12 @@ class CallSession:
         complete: bool,
         fields: dict[str, Any] | None = None,
     ) -> bool:
-        """Send content for ``response_id`` if it is still the live one; True if sent.
-
-        ``fields`` are the frame's optional flags (actions, no_interruption_allowed).
-        """
-        async with self._send_lock:
-            if self.lifecycle.closed or not self.ledger.may_send(response_id):
-                return False
-            text = _response_text(response_id, content, complete, fields or {})
-            if text is None or not await self._write(text, "response"):
-                return False
-            if complete:
-                self.ledger.complete(response_id)
-            return True
+        return await self._sender.response(response_id, content, complete=complete, fields=fields)
 
     async def send_frame(self, frame: OutboundFrame) -> bool:
         """Send a frame that belongs to no response (config, pong, tool
         bookkeeping, agent_interrupt, update_agent, metadata); True if it went out."""
-        async with self._send_lock:
-            if self.lifecycle.closed:
-                return False
-            try:
-                text = encode(frame)
-            except Exception:
-                logger.exception("could not encode a %s frame; not sent", frame.response_type)
-                return False
-            return await self._write(text, frame.response_type)
-
-    async def _write(self, text: str, kind: str) -> bool:
-        # Called with the send lock held. A socket that died under us ends the
-        # call quietly: the read loop sees the close next and tears the session down.
-        try:
-            await self._transport.send_text(text)
-        except Exception as exc:
-            self.lifecycle.to(CallState.CLOSED)
-            logger.info("socket closed while sending %s: %r", kind, exc)
-            return False
-        return True
+        return await self._sender.frame(frame)
 
     async def _stop_tasks(self) -> None:
         tasks = [t for t in (self._turn, self._begin, self._hook) if t is not None and not t.done()]
@@ -554,39 +458,6 @@ class CallSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._responder.aclose()
         # Side-effecting tools are never cut short; their results are stored for a reconnect.
         await self.runner.aclose()
-
-
-def _response_text(
-    response_id: int, content: str, complete: bool, fields: dict[str, Any]
-) -> str | None:
-    """The ``response`` frame's text. A frame that cannot be built is a bug (a bad
-    action value, say) and is logged; a final frame is then rebuilt without its
-    extras, so the response still completes: dead air is the worse outcome."""
-    attempts = [(content, fields)]
-    if complete:
-        attempts += [(content, {}), ("", {})]
-    for text, extra in attempts:
-        try:
-            return encode(
-                ResponseFrame(
-                    response_id=response_id, content=text, content_complete=complete, **extra
-                )
-            )
-        except Exception:
-            logger.exception(
-                "response %d: could not build a frame%s",
-                response_id,
-                "; sending it without its extras" if complete else "; not sent",
-            )
-    return None
-
-
-def _last_caller_text(transcript: list[Utterance]) -> str:
-    for utterance in reversed(transcript):
-        if not utterance.is_agent and utterance.content.strip():
-            return utterance.content.strip()
-        if utterance.is_agent and utterance.content.strip():
-            return ""
-    return ""

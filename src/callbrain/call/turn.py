@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from callbrain.agent import Agent
 from callbrain.call.record import ModelRecord, ToolRecord, TurnRecord
-from callbrain.llm.base import LLM, LLMError, LLMStream
+from callbrain.llm.base import LLM, CompletionStream, LLMError
 from callbrain.llm.chat import ChatChunk, ChatItem, ChatRequest, Message, TextDelta, ToolCall
 from callbrain.retell.actions import TurnActions
 from callbrain.tools.runner import ToolRun, ToolRunner
@@ -70,7 +70,10 @@ class Turn:
         runner: ToolRunner,
         send: ResponseSender,
         holding_line: Callable[[], str],
+        open_first: Callable[[ChatRequest], CompletionStream] | None = None,
     ) -> None:
+        """``open_first`` opens the first completion instead of ``llm.chat`` (an
+        answer held since before the request, when it matches)."""
         self.record = record
         self.response_id = record.response_id
         self._build_request = build_request
@@ -81,6 +84,7 @@ class Turn:
         self.runner = runner
         self._send = send
         self._holding_line = holding_line
+        self._open_first = open_first
         self.actions = TurnActions()
         self._failed = False
         self._filler_said = False
@@ -131,9 +135,10 @@ class Turn:
         """Stream one completion: speak its text, collect its tool calls."""
         text: list[str] = []
         calls: list[ToolCall] = []
-        model = ModelRecord(self.llm.provider, self.llm.model, requested=time.perf_counter())
+        opener, self._open_first = self._open_first or self.llm.chat, None
+        stream = opener(request)
+        model = ModelRecord(self.llm.provider, self.llm.model, requested=stream.metrics.started)
         self.record.models.append(model)
-        stream = self.llm.chat(request)
         # The failover's own list, so a turn cut off later still reports those so far.
         model.failovers = stream.metrics.failovers
         try:
@@ -164,7 +169,7 @@ class Turn:
         if time.perf_counter() >= self._deadline:
             raise _TooLong(f"still speaking after {self.agent.max_response_s:g} s (max_response_s)")
 
-    async def _first_chunk(self, stream: LLMStream) -> ChatChunk | None:
+    async def _first_chunk(self, stream: CompletionStream) -> ChatChunk | None:
         """The stream's first chunk; if it is late, the caller hears the filler once.
 
         The wait is a task, not a timeout around ``anext``: cancelling that would
@@ -250,7 +255,7 @@ class Turn:
             self.record.completed = time.perf_counter()
 
 
-def _copy_metrics(stream: LLMStream, model: ModelRecord) -> None:
+def _copy_metrics(stream: CompletionStream, model: ModelRecord) -> None:
     metrics = stream.metrics
     model.provider, model.model = metrics.provider, metrics.model
     model.failovers = list(metrics.failovers)
@@ -261,7 +266,7 @@ def _copy_metrics(stream: LLMStream, model: ModelRecord) -> None:
         model.output_tokens = metrics.usage.output_tokens
 
 
-async def _chain(first: ChatChunk | None, stream: LLMStream) -> AsyncIterator[ChatChunk]:
+async def _chain(first: ChatChunk | None, stream: CompletionStream) -> AsyncIterator[ChatChunk]:
     """``first`` (if any), then the rest of ``stream``."""
     if first is None:
         return

@@ -219,6 +219,28 @@ class LLM(ABC):
         """Release clients, threads and models."""
 
 
+class CompletionStream(Protocol):
+    """What a turn reads a completion through: an :class:`LLMStream`, or one held
+    since before the request (:class:`~callbrain.call.speculation.HeldStream`)."""
+
+    metrics: StreamMetrics
+
+    def __aiter__(self) -> CompletionStream: ...
+
+    async def __anext__(self) -> ChatChunk: ...
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> CompletionStream: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
 class LLMStream:
     """One completion in flight: an async iterator and an async context manager.
 

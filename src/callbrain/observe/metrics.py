@@ -130,6 +130,17 @@ class CallMetrics:
             ["reason"],
             registry=registry,
         )
+        self.speculations = Counter(
+            "callbrain_speculations",
+            "Answers started before Retell's request, by outcome (hit: used, miss: dropped).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.speculation_wasted = Counter(
+            "callbrain_speculation_wasted_chunks",
+            "Output chunks (about a token each) of speculative answers that were dropped.",
+            registry=registry,
+        )
         # Every reason shows from the start, at 0: a rate() needs the series to exist.
         for reason in get_args(IgnoredFrame):
             self.frames_ignored.labels(reason)
@@ -179,6 +190,10 @@ class MetricsObserver:
         # The greeting is sent on connect, without a request: no latency to speak of.
         if turn.kind != "begin" and turn.first_frame is not None:
             m.turn_first_frame.observe(turn.first_frame - turn.arrived)
+        if turn.speculation is not None:
+            m.speculations.labels(turn.speculation).inc()
+        if turn.speculation_wasted:
+            m.speculation_wasted.inc(turn.speculation_wasted)
         for model in turn.models:
             self._count_model(model)
         for tool in turn.tools:

@@ -157,6 +157,8 @@ def _turn(
         },
         "input_tokens": row["input_tokens"],
         "output_tokens": row["output_tokens"],
+        "speculation": row["speculation"],
+        "speculation_wasted": row["speculation_wasted"],
         "models": [
             {
                 "provider": m["provider"],

@@ -93,6 +93,8 @@ def turn_row(key: CallKey, call: CallRecord, turn: TurnRecord) -> Row:
         "complete_ms": timings["complete"],
         "input_tokens": _total(m.input_tokens for m in turn.models),
         "output_tokens": _total(m.output_tokens for m in turn.models),
+        "speculation": turn.speculation,
+        "speculation_wasted": turn.speculation_wasted,
     }
 
 

@@ -67,6 +67,8 @@ turns = Table(
     Column("complete_ms", Float),
     Column("input_tokens", Integer),
     Column("output_tokens", Integer),
+    Column("speculation", String(8)),
+    Column("speculation_wasted", Integer, nullable=False, server_default="0"),
     ForeignKeyConstraint(["call_key"], ["calls.id"], ondelete="CASCADE"),
 )
 

@@ -156,6 +156,8 @@ class ScriptedLLM(LLM):
         self.closed = 0
         self.started = asyncio.Event()
         """Set when a request arrives (clear it to wait for the next one)."""
+        self.finished = asyncio.Event()
+        """Set when a script has been streamed to its end (clear it to wait again)."""
 
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         self.requests.append(request)
@@ -173,6 +175,7 @@ class ScriptedLLM(LLM):
                 else:
                     yield step
             finished = True
+            self.finished.set()
         finally:
             if not finished:
                 self.closed += 1
