@@ -91,6 +91,7 @@ def make_agent(fake: FakeOpenAIServer, **overrides: Any) -> Agent:
         "reminder_prompt": REMINDER,
         "holding_messages": ["One moment."],
         "tool_filler_after_s": None,
+        "frame_coalesce_ms": 0,  # a frame per delta: what the chat shows is under test
         "tools": [
             check_availability,
             {"type": "end_call", "message": "Goodbye!"},

@@ -18,6 +18,7 @@ from callbrain.agent import Agent
 from callbrain.call.memory import CallMemory
 from callbrain.call.record import CallRecord, TurnRecord
 from callbrain.llm.base import LLMError
+from callbrain.retell.actions import Action
 from callbrain.stores import GuardedStore, MemoryStore
 from callbrain.testing.harness import (
     FakeTransport,
@@ -193,17 +194,38 @@ async def test_a_transfer_to_an_int_fails_in_the_tool_with_a_clear_error_and_the
     assert "E.164" in caplog.text and "int 4155550100" in caplog.text
 
 
-async def test_a_frame_that_cannot_be_encoded_is_skipped_and_the_response_still_completes(
+async def test_text_that_is_not_valid_utf8_loses_only_those_characters(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # A lone surrogate cannot be UTF-8: such a chunk cannot be sent at all.
+    # A lone surrogate cannot be UTF-8: as it was, no frame holding it could be sent.
     llm = ScriptedLLM(["Fine ", "\ud800", "thanks."])
     async with session(make_agent(), llm) as (_, wire):
         await opened(wire)
         wire.push(request(1))
         await wire.until_complete(1)
     assert wire.said(1) == "Fine thanks." and completes(wire, 1) == 1
-    assert "could not build a frame" in caplog.text
+    assert "dropped characters that are not valid text" in caplog.text
+
+
+async def test_a_final_frame_that_cannot_be_built_still_completes_the_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug that slipped past the action's own checks: the frame refuses the value.
+    @tool
+    def hang_up(context: ToolContext) -> str:
+        """Hang up."""
+        action = Action("transfer", transfer_number="+14155550100")
+        object.__setattr__(action, "transfer_number", 4155550100)  # past the checks
+        context.request_action(action)
+        return "bye"
+
+    llm = ScriptedLLM([tool_call("hang_up")])
+    async with session(make_agent(tools=[hang_up]), llm) as (_, wire):
+        await opened(wire)
+        wire.push(request(1))
+        await wire.until_complete(1)
+    assert completes(wire, 1) == 1
+    assert "could not build a frame; sending it without its extras" in caplog.text
 
 
 async def test_a_hanging_store_never_books_blind_and_the_turn_still_completes() -> None:

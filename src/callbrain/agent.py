@@ -113,6 +113,10 @@ class Agent(BaseModel):
     minutes of speech, so only a model that never stops reaches it."""
     max_response_s: float = Field(default=60.0, gt=0)
     """Likewise for time: no response streams for longer than this."""
+    frame_coalesce_ms: float = Field(default=25.0, ge=0, le=200)
+    """After a turn's first frame (always sent at once), text deltas arriving
+    within this long of each other share one frame: fewer socket writes, the same
+    words. 0: a frame per delta."""
     speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
     """Start the model on the caller's finished sentence, before Retell asks
     (see :mod:`callbrain.call.speculation`)."""
