@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from callbrain.call.memory import CallMemory, MemoryKeeper
 from callbrain.llm.chat import ToolCall, ToolOutput
 from callbrain.stores import GuardedStore, MemoryStore
 from callbrain.stores.redis import RedisStore
+from callbrain.stores.sqlite import SQLiteStore
 
 
 class Clock:
@@ -177,3 +181,45 @@ async def test_redis_store_uses_its_prefix_expires_and_locks(redis_url: str) -> 
         await first.client.delete(*await first.client.keys("test-*"))
         await first.aclose()
         await other.aclose()
+
+
+async def test_the_sqlite_store_is_shared_by_processes_and_locks_like_redis(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    first, second = SQLiteStore(path), SQLiteStore(path)  # two workers' connections
+    try:
+        await first.set("call:1", b"one", ttl_s=60)
+        assert await second.get("call:1") == b"one"
+        assert await first.add("lock:k", b"1", ttl_s=60)
+        assert not await second.add("lock:k", b"2", ttl_s=60)
+        await second.delete("lock:k")
+        assert await first.add("lock:k", b"3", ttl_s=0.01)
+        await asyncio.sleep(0.02)  # let the lock expire: then it is free again
+        assert await second.add("lock:k", b"4", ttl_s=60)
+        assert await first.get("lock:k") == b"4"
+        await first.set("gone", b"x", ttl_s=0)
+        assert await second.get("gone") is None
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+def test_the_sqlite_store_is_one_file_for_several_processes(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    script = (
+        "import asyncio, sys\n"
+        "from callbrain.stores.sqlite import SQLiteStore\n"
+        "async def main():\n"
+        "    store = SQLiteStore(sys.argv[1])\n"
+        "    won = await store.add('lock:race', sys.argv[2].encode(), ttl_s=60)\n"
+        "    print('won' if won else 'lost')\n"
+        "    await store.aclose()\n"
+        "asyncio.run(main())\n"
+    )
+    runs = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), str(n)], stdout=subprocess.PIPE)
+        for n in range(6)
+    ]
+    results = [run.communicate(timeout=60)[0].decode().strip() for run in runs]
+    assert sorted(results) == ["lost"] * 5 + ["won"]
