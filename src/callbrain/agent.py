@@ -22,11 +22,12 @@ from pydantic import (
     ConfigDict,
     Field,
     InstanceOf,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
 
-from callbrain.errors import AgentConfigError, describe
+from callbrain.errors import AgentConfigError, problems
 from callbrain.llm.config import LLMConfig, LocalConfig
 from callbrain.server.settings import ServerSettings
 from callbrain.tools.base import Tool
@@ -111,6 +112,20 @@ class Agent(BaseModel):
     max_response_s: float = Field(default=60.0, gt=0)
     """Likewise for time: no response streams for longer than this."""
 
+    _folder: Path | None = PrivateAttr(default=None)
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def folder(self) -> Path | None:
+        """The agent file's folder, where its ``module:function`` references are looked
+        up first; None for an agent built in Python or from text without one."""
+        return self._folder
+
+    @property
+    def source(self) -> str:
+        """Where the agent came from, for messages: its file, or its name."""
+        return self._source or f"agent {self.name!r}"
+
     @model_validator(mode="after")
     def _details_needed(self) -> Agent:
         if self.wait_for_call_details and not self.retell_config.call_details:
@@ -127,9 +142,9 @@ class Agent(BaseModel):
         not import, a function that cannot be a tool, or a name used twice.
         """
         try:
-            return build_tools(self.tools)
+            return build_tools(self.tools, folder=self.folder)
         except (ValueError, TypeError) as exc:
-            raise AgentConfigError(f"agent {self.name!r}: tools: {exc}") from exc
+            raise AgentConfigError(f"{self.source}: tools: {exc}") from exc
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Agent:
@@ -139,10 +154,14 @@ class Agent(BaseModel):
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise AgentConfigError(f"{path}: cannot read agent file: {exc.strerror}") from None
-        return cls.from_yaml_text(text, source=str(path))
+        return cls.from_yaml_text(text, source=str(path), folder=path.parent)
 
     @classmethod
-    def from_yaml_text(cls, text: str, *, source: str = "<agent>") -> Agent:
+    def from_yaml_text(
+        cls, text: str, *, source: str = "<agent>", folder: str | Path | None = None
+    ) -> Agent:
+        """An agent file's text; ``folder`` is where its ``module:function``
+        references are looked up first (as ``from_yaml`` does with the file's own)."""
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -151,15 +170,23 @@ class Agent(BaseModel):
             raise AgentConfigError(
                 f"{source}: expected a mapping of keys, got {type(data).__name__}"
             )
-        return cls.from_dict(_expand_env(data, source, ()), source=source)
+        return cls.from_dict(_expand_env(data, source, ()), source=source, folder=folder)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "<agent>") -> Agent:
+    def from_dict(
+        cls, data: dict[str, Any], *, source: str = "<agent>", folder: str | Path | None = None
+    ) -> Agent:
+        """An agent from the mapping an agent file holds. Each problem is one line
+        naming ``source`` and the key (``clinic.yaml: llm: unknown key 'temprature'
+        (did you mean 'temperature'?)``)."""
         try:
-            return cls.model_validate(data)
+            agent = cls.model_validate(data)
         except ValidationError as exc:
-            lines = describe(exc, cls, limit=None, sep="\n  ")
-            raise AgentConfigError(f"{source}: invalid agent definition\n  {lines}") from None
+            lines = [f"{source}: {problem}" for problem in problems(exc, cls)]
+            raise AgentConfigError("\n".join(lines)) from None
+        agent._folder = None if folder is None else Path(folder).resolve()
+        agent._source = None if source == "<agent>" else source
+        return agent
 
 
 def example_agent_path() -> Path:

@@ -33,16 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
+from callbrain.errors import StartupError
 from callbrain.server.handshake import HalfOpenConnections, handshake_protocols
 from callbrain.server.settings import AccessSettings, ServerSettings
 
@@ -62,6 +64,8 @@ DEFAULT_WS_MAX_SIZE = 16 * 2**20
 _UNLIMITED_NOFILE = 2**20
 """What "as far as the hard limit allows" means when the hard limit is infinite."""
 _MIN_PENDING_HANDSHAKES = 16
+_BACKLOG = 2048
+"""uvicorn's default."""
 
 
 def uvicorn_config(
@@ -101,6 +105,55 @@ def uvicorn_config(
         **overrides,
     }
     return uvicorn.Config(app, **options)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port the system picks), for
+    uvicorn to listen on; bound before
+    anything is announced, so a port that is taken fails the start-up (a
+    :class:`~callbrain.errors.StartupError` saying what to change) instead of
+    printing a banner for a server that is not there.
+
+    ``IPPROTO_TCP``, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only
+    on sockets whose proto says TCP; without it each streamed chunk on a reused
+    keep-alive connection waited ~40 ms for the client's delayed ACK.
+    """
+    if not 0 <= port <= 65535:
+        raise StartupError(
+            f"port {port} is not a TCP port (1-65535, or 0 for any free one); "
+            "choose one with --port"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn does
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        # Listening at once: a client that connects as soon as the banner shows waits
+        # in the backlog until the server accepts, rather than being refused.
+        sock.listen(_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(_bind_failure(host, port, exc)) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is already in use (another callbrain serve?); "
+            "stop it, or choose another port with --port"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"no permission to listen on port {port} (ports below 1024 need privileges); "
+            "choose another with --port, e.g. --port 8080"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine; use --host 127.0.0.1 or 0.0.0.0"
+    if isinstance(exc, socket.gaierror):
+        return f"--host {host!r} is not a known address ({exc.strerror})"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 def open_file_limit() -> int | None:
@@ -168,18 +221,48 @@ class CallbrainServer(ProcessServer):
     """uvicorn's server with a draining first signal (see the module docstring)."""
 
     def __init__(
-        self, config: uvicorn.Config, runtime: AgentRuntime, *, drain_s: float, finish_turn_s: float
+        self,
+        config: uvicorn.Config,
+        runtimes: Sequence[AgentRuntime],
+        *,
+        drain_s: float,
+        finish_turn_s: float,
     ) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.runtimes = list(runtimes)
         self.drain_s = drain_s
         self.finish_turn_s = finish_turn_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
 
+    def run_when_ready(self, sock: socket.socket, ready: Callable[[], None]) -> None:
+        """Start every agent (check the store, load the models), call ``ready``
+        (the banner: everything it announces works), then serve on ``sock``
+        until a signal ends the drain. A start that fails raises its
+        :class:`~callbrain.errors.StartupError` before ``ready`` is called."""
+
+        async def main() -> None:
+            for runtime in self.runtimes:
+                await runtime.start()
+            ready()
+            await self.serve(sockets=[sock])
+
+        with asyncio.Runner(loop_factory=self.config.get_loop_factory()) as runner:
+            runner.run(main())
+
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        # uvicorn says nothing when it is handed its sockets; this is the line that
+        # says calls are being taken.
+        for sock in sockets or []:
+            host, port = sock.getsockname()[:2]
+            logger.info("listening on http://%s:%d", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the main thread between two bytecodes, not in a loop callback.
@@ -195,7 +278,8 @@ class CallbrainServer(ProcessServer):
 
     async def _drain_then_exit(self) -> None:
         try:
-            left = await self.runtime.drain(self.drain_s, grace=self.finish_turn_s)
+            drains = (r.drain(self.drain_s, grace=self.finish_turn_s) for r in self.runtimes)
+            left = sum(await asyncio.gather(*drains))
             if left:
                 dropped = self._drop_websockets()
                 logger.info("dropped %d call socket(s) for Retell to reconnect elsewhere", dropped)

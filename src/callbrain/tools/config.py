@@ -18,12 +18,14 @@ Every entry has a ``type``::
 
 Declarations are checked when the agent is loaded (unknown keys, bad numbers);
 references to code are imported when the server starts, so a typo fails the
-start-up, not a live call.
+start-up, not a live call. A ``module:function`` reference is looked up beside
+the agent file first, then on the Python import path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -115,14 +117,17 @@ ToolConfig = Annotated[
 ]
 
 
-def build_tool(config: ToolConfig) -> Tool:
-    """The :class:`Tool` a declaration describes (imports Python references)."""
+def build_tool(config: ToolConfig, *, folder: Path | None = None) -> Tool:
+    """The :class:`Tool` a declaration describes (imports Python references,
+    looked up in ``folder``, the agent file's, first)."""
     if isinstance(config, PythonToolConfig):
         from callbrain.tools.function import function_tool_from_ref
 
         named = {"name": config.name, "description": config.description}
         overrides = {k: v for k, v in named.items() if v is not None}
-        return function_tool_from_ref(config.function, **overrides, **config.overrides())
+        return function_tool_from_ref(
+            config.function, folder=folder, **overrides, **config.overrides()
+        )
     if isinstance(config, HttpToolConfig):
         from callbrain.tools.http import HttpTool
 
@@ -153,8 +158,11 @@ def build_tool(config: ToolConfig) -> Tool:
 _CONFIG: TypeAdapter[ToolConfig] = TypeAdapter(ToolConfig)
 
 
-def build_tools(entries: Sequence[ToolConfig | Tool | Mapping[str, Any]]) -> dict[str, Tool]:
+def build_tools(
+    entries: Sequence[ToolConfig | Tool | Mapping[str, Any]], *, folder: Path | None = None
+) -> dict[str, Tool]:
     """Every tool by name; a name used twice is an error (the model could not tell them apart).
+    Python references are looked up in ``folder`` (the agent file's) first.
 
     Plain mappings are validated here too: ``Agent.model_copy(update=...)`` does
     not validate, so a declaration can arrive as the dict it was written as.
@@ -167,7 +175,7 @@ def build_tools(entries: Sequence[ToolConfig | Tool | Mapping[str, Any]]) -> dic
             except ValidationError as exc:
                 problems = describe(exc, PythonToolConfig)
                 raise ValueError(f"invalid tool declaration {dict(entry)!r}: {problems}") from None
-        tool = entry if isinstance(entry, Tool) else build_tool(entry)
+        tool = entry if isinstance(entry, Tool) else build_tool(entry, folder=folder)
         if tool.name in tools:
             raise ValueError(f"two tools are named {tool.name!r}; tool names must be unique")
         tools[tool.name] = tool
