@@ -16,12 +16,7 @@ from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
 from callbrain.logs import LogLevel, configure_logging
 from callbrain.server.app import DEFAULT_PREFIX, create_app, server_settings
-from callbrain.server.process import (
-    CallbrainServer,
-    listening_socket,
-    raise_open_file_limit,
-    uvicorn_config,
-)
+from callbrain.server.process import listening_socket, serve_when_ready
 from callbrain.startup import UsageError, announce, fail, load_agents, reporting
 from callbrain.testing.chat_terminal import chat_command
 from callbrain.testing.fake_llm.command import fake_llm
@@ -89,16 +84,6 @@ def serve(
         application = create_app(agents, prefix=prefix)
         settings = server_settings(agents)
         sock = listening_socket(host, port)
-        # Before the config: the share of descriptors half-open connections may
-        # take is worked out from the limit.
-        raise_open_file_limit(settings.access.max_pending_handshakes)
-        config = uvicorn_config(application, host=host, port=port, settings=settings)
-        server = CallbrainServer(
-            config,
-            application.state.runtimes,
-            drain_s=settings.drain_s,
-            finish_turn_s=settings.finish_turn_s,
-        )
 
         def ready() -> None:
             bound = int(sock.getsockname()[1])
@@ -109,8 +94,8 @@ def serve(
             gc.collect()
             gc.freeze()
 
-        # Checks the store and loads the models first: a failure is one line, not a banner.
-        server.run_when_ready(sock, ready)
+        # The store and the models start first: a failure is one line, not a banner.
+        serve_when_ready(application, sock, host=host, settings=settings, ready=ready)
 
 
 @app.command("test")

@@ -43,6 +43,8 @@ class Problem:
     what: str
     unknown_key: str | None = None
     """For an unknown key: the key itself (``where`` is the object holding it)."""
+    suggestion: str | None = None
+    """For an unknown key: the valid key it is closest to, if any."""
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}" if self.where else self.what
@@ -96,7 +98,7 @@ def problems(
                 what += f" (did you mean {close[0]!r}?)"
             elif known:
                 what += f" (valid keys: {', '.join(sorted(known))})"
-            found.append(Problem(where, what, key))
+            found.append(Problem(where, what, key, close[0] if close else None))
         elif kind == "missing":
             found.append(Problem(location(loc, model, root=root), "required but missing"))
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
@@ -109,8 +111,15 @@ def problems(
         else:
             message = str(error["msg"]).removeprefix("Value error, ")
             found.append(Problem(location(loc, model, root=root), message))
-    unique = list(dict.fromkeys(found))
+    # A misspelt required key is one problem, not two: the unknown key says it.
+    misspelt = {_join(p.where, p.suggestion) for p in found if p.suggestion is not None}
+    kept = [p for p in found if not (p.what == "required but missing" and p.where in misspelt)]
+    unique = list(dict.fromkeys(kept))
     return unique if limit is None else unique[:limit]
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 _IP_ERRORS = frozenset(

@@ -129,7 +129,7 @@ def announce(
     if json:
         for agent, path, pasted in entries:
             logger.info(
-                "agent %r (%s) from %s: socket ws://%s%s/{call_id}; Retell URL "
+                "serving agent %r (%s) from %s: socket ws://%s%s/{call_id}; Retell URL "
                 "wss://<your-public-host>%s",
                 agent.name, model_label(agent.llm), agent.source, base, path, pasted,
             )  # fmt: skip

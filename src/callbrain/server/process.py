@@ -42,6 +42,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from callbrain.errors import StartupError
@@ -199,6 +200,41 @@ def pending_handshake_limit(configured: int) -> int:
     return min(configured, max(_MIN_PENDING_HANDSHAKES, limit // 4))
 
 
+def serve_when_ready(
+    app: Starlette,
+    sock: socket.socket,
+    *,
+    host: str,
+    settings: ServerSettings,
+    ready: Callable[[], None],
+) -> None:
+    """``callbrain serve``: start every agent of ``app`` (check the store, load
+    the models), raise the open-file limit, call ``ready`` (the banner: all it
+    announces works), then serve on ``sock`` (bound and listening) until a
+    signal ends the drain. A start that fails raises its
+    :class:`~callbrain.errors.StartupError` before anything else is said."""
+    runtimes: list[AgentRuntime] = app.state.runtimes
+
+    async def main() -> None:
+        for runtime in runtimes:
+            await runtime.start()
+        # Before the config: the share of descriptors half-open connections may
+        # take is worked out from the limit.
+        raise_open_file_limit(settings.access.max_pending_handshakes)
+        port = int(sock.getsockname()[1])
+        config = uvicorn_config(app, host=host, port=port, settings=settings)
+        server = CallbrainServer(
+            config, runtimes, drain_s=settings.drain_s, finish_turn_s=settings.finish_turn_s
+        )
+        ready()
+        await server.serve(sockets=[sock])
+
+    # uvicorn's choice of event loop (uvloop when installed), which it makes in its run().
+    loop_factory = uvicorn.Config(app, log_config=None).get_loop_factory()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
 class ProcessServer(uvicorn.Server):
     """uvicorn as the process's own server, ending with status 0 on SIGINT/SIGTERM.
 
@@ -234,21 +270,6 @@ class CallbrainServer(ProcessServer):
         self.finish_turn_s = finish_turn_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
-
-    def run_when_ready(self, sock: socket.socket, ready: Callable[[], None]) -> None:
-        """Start every agent (check the store, load the models), call ``ready``
-        (the banner: everything it announces works), then serve on ``sock``
-        until a signal ends the drain. A start that fails raises its
-        :class:`~callbrain.errors.StartupError` before ``ready`` is called."""
-
-        async def main() -> None:
-            for runtime in self.runtimes:
-                await runtime.start()
-            ready()
-            await self.serve(sockets=[sock])
-
-        with asyncio.Runner(loop_factory=self.config.get_loop_factory()) as runner:
-            runner.run(main())
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()

@@ -106,7 +106,7 @@ class AgentRuntime:
         """Check the store and load the model: a server that cannot serve calls
         fails here, at start-up, not on its first call, with a
         :class:`~callbrain.errors.StartupError` saying which of the two it was."""
-        where = f"agent {self.agent.name!r}"
+        where = self.agent.source
         try:
             await self.backend.ping()
         except Exception as exc:
