@@ -143,6 +143,33 @@ def test_scenarios(
 
 
 @app.command()
+def check(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="AGENT",
+            help="Agent files, or folders of them. Default: the shipped example.",
+            show_default=False,
+        ),
+    ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live", help="Also send one tiny request to each model, and ping a Redis store."
+        ),
+    ] = False,
+    debug: Annotated[bool, DEBUG_OPTION] = False,
+) -> None:
+    """Check agent files before a deploy: keys, tools, models, extras; exit 0 or 2."""
+    from callbrain.check import run_check
+
+    configure_logging("warning")
+    with reporting(debug):
+        code = run_check(files or [example_agent_path()], live=live, console=Console())
+    raise typer.Exit(code)
+
+
+@app.command()
 def bench(
     url: Annotated[
         str | None,

@@ -50,7 +50,10 @@ def build_llm(key: str, config: LLMConfig, source: str) -> LLM:
     try:
         return create_llm(config)
     except (ValueError, LLMError, MissingExtraError) as exc:
-        raise AgentConfigError(f"{source}: {key}: {exc}") from exc
+        # The providers' messages name the primary's keys (llm.api_key); a fallback's
+        # are its own.
+        message = str(exc) if key == "llm" else str(exc).replace("llm.", f"{key}.")
+        raise AgentConfigError(f"{source}: {key}: {message}") from exc
 
 
 def _build_llm(agent: Agent) -> LLM:
