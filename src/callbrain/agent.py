@@ -10,11 +10,13 @@ String values may reference the environment as ``${NAME}`` or
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import yaml
 from pydantic import (
@@ -24,6 +26,7 @@ from pydantic import (
     InstanceOf,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -79,7 +82,12 @@ class Agent(BaseModel):
     fallback_message: str = "Sorry, I'm having a little trouble. Could you say that again?"
     """Spoken when the model fails or times out; never the raw error."""
     dynamic_variables: dict[str, str] = Field(default_factory=dict)
-    """Defaults for template variables; the call's own dynamic variables win."""
+    """Defaults for template variables; the built-in ones (``{{current_time}}``,
+    ``{{caller_number}}``...) and the call's own dynamic variables win (see
+    :mod:`callbrain.call.variables`)."""
+    timezone: str = "UTC"
+    """IANA time zone (``Europe/London``) of ``{{current_time}}``, ``{{current_date}}``
+    and ``{{current_weekday}}``."""
     wait_for_call_details: bool = False
     """Hold the begin message until ``call_details`` arrives (for a templated greeting)."""
     call_details_timeout_s: float = Field(default=2.0, gt=0, le=6)
@@ -125,6 +133,22 @@ class Agent(BaseModel):
     def source(self) -> str:
         """Where the agent came from, for messages: its file, or its name."""
         return self._source or f"agent {self.name!r}"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            close = difflib.get_close_matches(name, available_timezones(), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "e.g. Europe/London, UTC"
+            raise ValueError(f"unknown time zone {name!r} ({hint})") from None
+        return name
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """:attr:`timezone` as a ``ZoneInfo`` (zoneinfo keeps one per name)."""
+        return ZoneInfo(self.timezone)
 
     @model_validator(mode="after")
     def _details_needed(self) -> Agent:

@@ -50,6 +50,7 @@ from callbrain.call.memory import CallMemory, MemoryKeeper
 from callbrain.call.record import CallRecord, Observers, TurnRecord
 from callbrain.call.state import CallState, Lifecycle
 from callbrain.call.turn import Turn
+from callbrain.call.variables import call_variables, turn_variables
 from callbrain.llm.base import LLM
 from callbrain.llm.chat import ChatRequest
 from callbrain.retell.frames import (
@@ -67,7 +68,6 @@ from callbrain.retell.frames import (
     UnknownInteraction,
     UpdateOnly,
     Utterance,
-    dynamic_variables,
     encode,
     parse_inbound,
 )
@@ -84,9 +84,6 @@ logger = logging.getLogger("callbrain.call")
 # a deliberate hang-up and ends the call without reconnecting.
 CLOSE_NORMAL = 1000
 CLOSE_INTERNAL_ERROR = 1011
-
-# Fields of the call object that prompts may use as {{variables}} too.
-_CALL_FIELDS = ("call_id", "call_type", "direction", "from_number", "to_number", "agent_id")
 
 
 class Transport(Protocol):
@@ -136,7 +133,7 @@ class CallSession:
         self.transcript: list[Utterance] = []
         self.turntaking: str | None = None
         self.call: dict[str, object] | None = None
-        self.variables: dict[str, str] = {**agent.dynamic_variables, "call_id": call_id}
+        self.variables = call_variables(agent.dynamic_variables, call_id, None)
         self.tool_history: list[ToolExchange] = []
         self.control = CallControl(call_id, self, self.variables, lambda: self.call)
         self.control.on_change = self._remember
@@ -285,12 +282,13 @@ class CallSession:
 
     def _take_call_details(self, call: dict[str, Any]) -> None:
         self.call = call
-        for key in _CALL_FIELDS:
-            value = call.get(key)
-            if isinstance(value, str):
-                self.variables[key] = value
-        self.variables.update(dynamic_variables(call))
+        # In place: the call's control and record hold this dict.
+        self.variables.update(call_variables(self.agent.dynamic_variables, self.call_id, call))
         self._details_arrived.set()
+
+    def _turn_variables(self) -> dict[str, str]:
+        """The variables with the clock as it is now (see :mod:`callbrain.call.variables`)."""
+        return turn_variables(self.variables, self.call, self.agent.zone)
 
     def _on_turn_request(self, frame: TurnRequest) -> None:
         rid = frame.response_id
@@ -355,7 +353,7 @@ class CallSession:
         record = self._open_record(BEGIN_ID, "begin")
         text = ""
         if not self.resumed:  # a reconnect: the caller heard the greeting long ago
-            text, missing = render_template(self.agent.begin_message, self.variables)
+            text, missing = render_template(self.agent.begin_message, self._turn_variables())
             if missing:
                 logger.warning("begin_message variables without a value: %s", ", ".join(missing))
         if await self._send_response(BEGIN_ID, text.strip(), complete=True):
@@ -424,7 +422,7 @@ class CallSession:
         request, missing = build_chat_request(
             system_prompt=self.agent.system_prompt,
             transcript=frame.transcript,
-            variables=self.variables,
+            variables=self._turn_variables(),
             max_messages=self.agent.max_history_messages,
             reminder_prompt=self.agent.reminder_prompt if reminder else None,
             tools=[tool.spec for tool in self.runner.tools.values()],

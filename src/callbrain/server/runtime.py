@@ -25,6 +25,7 @@ from callbrain.agent import Agent
 from callbrain.call.conversation import build_chat_request, render_template
 from callbrain.call.record import Observers
 from callbrain.call.session import CallSession
+from callbrain.call.variables import call_variables, turn_variables
 from callbrain.errors import AgentConfigError, StartupError
 from callbrain.extras import MissingExtraError
 from callbrain.llm import LLM, ChatRequest, LLMConfig, LLMError, create_llm
@@ -131,11 +132,14 @@ class AgentRuntime:
 
     def _typical_request(self) -> ChatRequest:
         """The agent's first turn as most calls will send it, for prefix caches."""
-        greeting, _ = render_template(self.agent.begin_message, self.agent.dynamic_variables)
+        variables = turn_variables(
+            call_variables(self.agent.dynamic_variables, "", None), None, self.agent.zone
+        )
+        greeting, _ = render_template(self.agent.begin_message, variables)
         request, _ = build_chat_request(
             system_prompt=self.agent.system_prompt,
             transcript=[Utterance(role="agent", content=greeting)] if greeting.strip() else [],
-            variables=self.agent.dynamic_variables,
+            variables=variables,
             max_messages=self.agent.max_history_messages,
             tools=[tool.spec for tool in self.toolbox.tools.values()],
         )
