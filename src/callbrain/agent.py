@@ -65,6 +65,8 @@ class RetellConfig(BaseModel):
     call_details: bool = True
     """Retell sends the call object (numbers, dynamic variables) right after connect."""
     transcript_with_tool_calls: bool = False
+    """Retell sends its transcript with the tool calls woven in; the model then reads
+    the calls from it instead of from callbrain's own record of the call."""
 
 
 class Agent(BaseModel):
@@ -73,6 +75,8 @@ class Agent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(default="agent", min_length=1)
+    """Shown in logs, ``/healthz`` and the metrics; with several agents in one server,
+    part of each one's URL (``/llm-websocket/agent/<name>``), so unique."""
     system_prompt: str = "You are a helpful, friendly phone agent. Keep every answer short."
     """Rendered with the call's dynamic variables, e.g. ``{{customer_name}}``."""
     begin_message: str = ""
@@ -93,6 +97,7 @@ class Agent(BaseModel):
     call_details_timeout_s: float = Field(default=2.0, gt=0, le=6)
     """Greet anyway after this long, so the agent is never mute (Retell gives up at 7 s)."""
     max_history_messages: int = Field(default=40, ge=1)
+    """Only the latest this many messages of the transcript go to the model."""
     tools: list[ToolConfig | InstanceOf[Tool]] = Field(default_factory=list)
     """Declarations (see :mod:`callbrain.tools.config`) or :class:`~callbrain.tools.Tool`
     objects, e.g. functions decorated with :func:`~callbrain.tools.tool`."""
@@ -103,10 +108,13 @@ class Agent(BaseModel):
     tool_filler_after_s: float | None = Field(default=3.0, gt=0)
     """Tools still running after this long get one filler line; null for never."""
     tool_filler_message: str = DEFAULT_FILLER_MESSAGE
+    """The filler line for slow tools."""
     retell_config: RetellConfig = Field(default_factory=RetellConfig)
+    """The ``config`` frame sent to Retell first on every socket."""
     server: ServerSettings = Field(default_factory=ServerSettings)
     """Access control, limits, webhooks and shutdown (see :mod:`callbrain.server.settings`)."""
     llm: LLMConfig = Field(default_factory=lambda: LocalConfig(provider="local"))
+    """The model: ``provider`` says which backend, and which other keys apply."""
     fallback_llms: list[LLMConfig] = Field(default_factory=list)
     """Tried in order when ``llm`` (or the one before) fails before its first chunk:
     a connection error, 429, 5xx or a missed first-token deadline."""
@@ -114,6 +122,7 @@ class Agent(BaseModel):
     """No word from the model after this long: say ``first_token_filler_message``
     once, so the caller knows the line is alive. null for never."""
     first_token_filler_message: str = "One moment."
+    """Said once when the model is slow to start (``first_token_filler_after_s``)."""
     max_response_chars: int = Field(default=1500, ge=20)
     """A response is cut (and completed) once this much has been said: about two
     minutes of speech, so only a model that never stops reaches it."""

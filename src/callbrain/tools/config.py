@@ -61,20 +61,29 @@ class _Settings(BaseModel):
 
 class PythonToolConfig(_Settings):
     type: Literal["python"]
+    """A Python function, sync or async."""
     function: str = Field(pattern=r"^[\w.]+:[\w.]+$")
-    """``package.module:function``; the function's signature and docstring give the schema."""
+    """``package.module:function``, looked up beside the agent file first, then on the
+    Python import path; the function's signature and docstring give the schema."""
     name: str | None = None
+    """The name the model calls it by; default: the function's."""
     description: str | None = None
+    """What the model is told it does; default: the docstring's summary."""
 
 
 class HttpToolConfig(_Settings):
     type: Literal["http"]
+    """A webhook: the arguments are POSTed as JSON; the response body is the result."""
     name: str
+    """The name the model calls it by."""
     description: str
+    """What the model is told it does."""
     url: str = Field(pattern=r"^https?://")
+    """Where the arguments are POSTed."""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     """JSON schema of the arguments the model must send."""
     headers: dict[str, str] = Field(default_factory=dict)
+    """Sent with every request (``${ENV}`` for tokens)."""
     secret: str | None = None
     """Signs each request so the receiver can tell it came from this agent."""
 
@@ -83,8 +92,11 @@ class EndCallConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["end_call"]
+    """Hang up, after the turn's words have been spoken."""
     name: str = "end_call"
+    """The name the model calls it by."""
     description: str | None = None
+    """What the model is told it does; a sensible default when left out."""
     message: str = "Thanks for calling. Goodbye!"
     """Said before hanging up when the model has not said goodbye itself."""
 
@@ -93,22 +105,32 @@ class TransferCallConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["transfer_call"]
+    """Cold-transfer the call to a phone number."""
     number: str = Field(pattern=E164.pattern)
     """E.164, e.g. ``+14155550100`` (Retell transfers to Retell or imported numbers only)."""
     name: str = "transfer_call"
+    """The name the model calls it by."""
     description: str | None = None
+    """What the model is told it does; a sensible default when left out."""
     message: str = "Let me transfer you now."
+    """Said before the transfer when the model has said nothing itself."""
     show_transferee_as_caller: bool = False
+    """The person transferred to sees the caller's number instead of the agent's."""
     no_interruption_allowed: bool = True
+    """The caller cannot talk over the transfer line."""
 
 
 class PressDigitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["press_digit"]
+    """Press DTMF digits (to get through a phone menu)."""
     name: str = "press_digit"
+    """The name the model calls it by."""
     description: str | None = None
+    """What the model is told it does; a sensible default when left out."""
     message: str = ""
+    """Said before the digits are pressed."""
 
 
 ToolConfig = Annotated[
