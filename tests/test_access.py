@@ -417,7 +417,7 @@ async def eventually_healthy(port: int, proc: asyncio.subprocess.Process) -> Non
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
                 return r.status == 200
-        except (urllib.error.URLError, OSError):  # refused, or queued while it starts
+        except (urllib.error.URLError, OSError):  # refused (or timed out) until it is up
             return False
 
     async with asyncio.timeout(60):

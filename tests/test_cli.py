@@ -43,7 +43,7 @@ def served_example() -> Iterator[tuple[int, subprocess.Popen[str]]]:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
                 if response.status == 200:
                     break
-        except (urllib.error.URLError, OSError):  # refused, or queued while it starts
+        except (urllib.error.URLError, OSError):  # refused (or timed out) until it is up
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             output = proc.communicate(timeout=5)[0] if proc.poll() is not None else ""

@@ -65,8 +65,6 @@ DEFAULT_WS_MAX_SIZE = 16 * 2**20
 _UNLIMITED_NOFILE = 2**20
 """What "as far as the hard limit allows" means when the hard limit is infinite."""
 _MIN_PENDING_HANDSHAKES = 16
-_BACKLOG = 2048
-"""uvicorn's default."""
 
 
 def uvicorn_config(
@@ -110,10 +108,11 @@ def uvicorn_config(
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` (0: a free port the system picks), for
-    uvicorn to listen on; bound before
-    anything is announced, so a port that is taken fails the start-up (a
-    :class:`~callbrain.errors.StartupError` saying what to change) instead of
-    printing a banner for a server that is not there.
+    uvicorn to listen on. Bound before anything is announced, so a port that is
+    taken fails the start-up (a :class:`~callbrain.errors.StartupError` saying
+    what to change) instead of printing a banner for a server that is not there;
+    not listening until uvicorn serves, so a connection that is accepted (a load
+    balancer's TCP check, say) still means the agents are ready.
 
     ``IPPROTO_TCP``, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only
     on sockets whose proto says TCP; without it each streamed chunk on a reused
@@ -129,9 +128,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        # Listening at once: a client that connects as soon as the banner shows waits
-        # in the backlog until the server accepts, rather than being refused.
-        sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
         raise StartupError(_bind_failure(host, port, exc)) from exc
