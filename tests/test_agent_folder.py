@@ -14,7 +14,7 @@ from tool_samples import make_context
 
 from callbrain.agent import Agent, AgentConfigError
 from callbrain.server.webhooks import webhook_routes
-from callbrain.tools.function import ToolReferenceError, load_callable
+from callbrain.tools.references import ToolReferenceError, load_callable
 
 TOOL = '''
 def add_to_order(item: str) -> str:

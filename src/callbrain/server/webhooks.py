@@ -49,7 +49,7 @@ from callbrain.server.access import RejectionLimiter
 from callbrain.server.handler_threads import HandlerThreads
 from callbrain.server.settings import WebhookSettings
 from callbrain.signing import retell_header_refusal, retell_refusal
-from callbrain.tools.function import ToolReferenceError, load_callable
+from callbrain.tools.references import ToolReferenceError, load_callable
 
 logger = logging.getLogger("callbrain.server.webhooks")
 
