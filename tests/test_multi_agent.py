@@ -173,7 +173,8 @@ async def test_server_blocks_combine_or_conflict_by_name() -> None:
             create_app([pizza(fake), pizza(fake)])
 
 
-async def test_a_drain_covers_every_agent() -> None:
+async def test_a_drain_covers_every_agent(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="callbrain.server.access")
     async with (
         FakeOpenAIServer() as fake,
         serving(pizza(fake), sushi(fake)) as (http, ws, app),
@@ -186,3 +187,4 @@ async def test_a_drain_covers_every_agent() -> None:
         assert await status_of(ws + "/llm-websocket/agent/pizza/c2") == 403
         await call.close()
         assert await asyncio.gather(*drains) == [0, 0]
+    assert any(r.getMessage().endswith(": the server is shutting down") for r in caplog.records)

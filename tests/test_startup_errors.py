@@ -177,6 +177,18 @@ def test_a_store_that_does_not_answer(folder: Path) -> None:
     assert "redis://" not in line  # the URL may hold a password
 
 
+def test_a_store_that_does_not_answer_under_test_and_chat(folder: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}"
+    path = agent_file(folder, OPENAI + f"server: {{store: {{redis_url: '{url}'}}}}\n")
+    scenario = agent_file(folder, "steps: [{caller: hi}]\n", "hello.yaml")
+    hint = "agent.yaml: server.store.redis_url does not answer"
+    one_error(*run("test", str(scenario), "--agent", str(path)), hint)
+    code, stderr = run("chat", "--agent", str(path))
+    assert code == 2 and "Traceback" not in stderr
+    last = stderr.splitlines()[-1]  # after "Starting agent ..."
+    assert last.startswith("error: ") and hint in last
+
+
 def test_debug_shows_the_traceback(folder: Path) -> None:
     path = agent_file(folder, "begin_mesage: Hi\n")
     code, stderr = run("serve", str(path), "--debug")
