@@ -4,6 +4,8 @@ on the import path: real files in a temporary folder, imported for real."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -159,3 +161,33 @@ def test_the_webhook_handler_is_looked_up_beside_the_agent_file(
     )
     routes = webhook_routes(Agent.from_yaml(agent_file))
     assert [route.path for route in routes] == ["/webhook"]  # type: ignore[attr-defined]
+
+
+SCENARIO = """
+name: orders a pizza
+script:
+  - tool_calls: [{name: add_to_order, arguments: {item: margherita}}]
+  - text: Added.
+steps:
+  - caller: A margherita, please.
+    expect:
+      tools: [{name: add_to_order, arguments: {item: margherita}}]
+      said: [Added]
+"""
+
+
+def test_callbrain_test_runs_a_tool_beside_the_agent_file(tmp_path: Path, unique: str) -> None:
+    # As a new user runs it: from another directory, with no PYTHONPATH.
+    agent_file = agent_folder(tmp_path / "pizza", unique, "pizza")
+    scenario = tmp_path / "order.yaml"
+    scenario.write_text(SCENARIO)
+    result = subprocess.run(
+        [sys.executable, "-m", "callbrain", "test", str(scenario), "--agent", str(agent_file),
+         "--json", "-"],
+        capture_output=True, text=True, timeout=120, cwd="/",
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    [passed] = report["scenarios"]
+    assert passed["passed"] is True
