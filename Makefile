@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint docs clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+
+# The key reference in docs/agent-file.md, from the models (tests/test_docs.py checks it).
+docs: install
+	$(BIN)/python tests/agent_reference.py
 
 test: lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -21,16 +22,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from rich.console import Console
 from rich.text import Text
 from support import agent_on
+from terminal import Terminal
 from websockets.asyncio.server import ServerConnection, serve
 
 from callbrain.agent import Agent
 from callbrain.call.control import CallControl
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_agent
 from callbrain.testing.chat import ChatCall, ConsoleOutput
-from callbrain.testing.client import agent, user
+from callbrain.testing.client import agent, call_url, user
 from callbrain.tools import tool
 
 REMINDER = "(REMIND THE CALLER)"
@@ -84,7 +87,9 @@ async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def make_agent(fake: FakeOpenAIServer, **overrides: Any) -> Agent:
+def make_agent(
+    fake: FakeOpenAIServer, llm: dict[str, Any] | None = None, **overrides: Any
+) -> Agent:
     fields: dict[str, Any] = {
         "name": "chat-test",
         "begin_message": "Hello!",
@@ -99,7 +104,7 @@ def make_agent(fake: FakeOpenAIServer, **overrides: Any) -> Agent:
             {"type": "press_digit"},
         ],
     }
-    return agent_on(fake, llm={"model": "test-model"}, **{**fields, **overrides})
+    return agent_on(fake, llm={"model": "test-model", **(llm or {})}, **{**fields, **overrides})
 
 
 @contextlib.asynccontextmanager
@@ -358,3 +363,107 @@ async def test_protocol_violations_are_shown_as_they_happen() -> None:
             finally:
                 await chat.aclose()
     assert "more than one content_complete for one response_id" in out.text
+
+
+# ------------------------------------------------------- URLs and refusals
+
+
+def test_the_call_id_goes_into_the_path_and_the_query_stays_last() -> None:
+    assert call_url("ws://h/llm-websocket?token=abc", "c1") == "ws://h/llm-websocket/c1?token=abc"
+    assert call_url("wss://h/llm-websocket/", "c 1") == "wss://h/llm-websocket/c%201"
+
+
+async def chat_command(*args: str, stdin: str = "/quit\n") -> tuple[int, str, str]:
+    """``callbrain chat`` piped, as a subprocess the event loop (and the server in it) outlives."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "callbrain", "chat", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "300"},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 90)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+SECRET = "s3cret-for-the-chat-tests-0123456789"
+
+
+async def test_a_url_with_a_token_query_connects() -> None:
+    secret = {"server": {"access": {"secret": SECRET}}}
+    async with FakeOpenAIServer() as fake, serve_agent(make_agent(fake, **secret)) as url:
+        code, out, err = await chat_command(f"{url}?token={SECRET}", "--call-id", "c1")
+    assert code == 0, err
+    assert f"Connected to {url}/c1?token={SECRET}" in err
+    assert "agent: Hello!" in out
+
+
+async def test_a_wrong_path_and_a_refused_secret_are_told_apart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="callbrain.server.access")
+    secret = {"server": {"access": {"secret": SECRET}}}
+    async with FakeOpenAIServer() as fake, serve_agent(make_agent(fake, **secret)) as url:
+        base = url.removesuffix("/llm-websocket")
+        code, _, wrong_path = await chat_command(f"{base}/llm-websockets/{SECRET}")
+        assert code == 1
+        code, _, no_secret = await chat_command(url)
+        assert code == 1
+    [line] = wrong_path.splitlines()
+    assert line.startswith("error: ") and "(HTTP 404)" in line and "Check the path" in line
+    [line] = no_secret.splitlines()
+    assert line.startswith("error: ") and "(HTTP 403)" in line and "secret" in line
+    # The server's log says why, and never quotes the secret, wherever it was put.
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(
+        "/llm-websockets/<redacted>/<redacted>: no call socket at this path" in m for m in logged
+    )
+    assert any(m.endswith(": no secret given") for m in logged)
+    assert not any(SECRET in m for m in logged)
+
+
+# ---------------------------------------------------------- on a terminal
+
+
+def slow_agent(fake: FakeOpenAIServer) -> Agent:
+    # A stalled reply must stay open for as long as the test looks at it.
+    return make_agent(fake, llm={"idle_timeout_s": 120, "first_token_timeout_s": 60})
+
+
+def chat_on_terminal(url: str, columns: int) -> Terminal:
+    return Terminal([sys.executable, "-m", "callbrain", "chat", url], columns=columns)
+
+
+async def test_every_row_of_a_long_reply_shows_while_it_streams() -> None:
+    words = " ".join(f"word{n}x" for n in range(30))  # many rows at 40 columns
+    async with (
+        FakeOpenAIServer(Reply(words, stall_after=25)) as fake,  # streams, never completes
+        serve_agent(slow_agent(fake)) as url,
+        chat_on_terminal(url, columns=40) as term,
+    ):
+        await term.wait_for("you:")
+        term.type("Tell me everything.\r")
+        # Far past the first row, and the reply is still open.
+        await term.wait_for("word22x")
+        assert "word29x" not in term.text
+
+
+async def test_the_first_key_pressed_interrupts_the_agent() -> None:
+    async with (
+        FakeOpenAIServer(Reply("One two three four.", stall_after=2), Reply("Okay.")) as fake,
+        serve_agent(slow_agent(fake)) as url,
+        chat_on_terminal(url, columns=100) as term,
+    ):
+        await term.wait_for("you:")
+        term.type("Tell me a story.\r")
+        await term.wait_for("One two")
+        term.type("S")  # no Enter: a caller who starts to speak
+        await term.wait_for(r"One two \[interrupted\]")
+        term.type("top.\r")
+        await term.wait_for("agent: Okay.")
+        # The model heard what the caller heard before they cut in.
+        history = fake.requests[1].body["messages"]
+        assert {"role": "assistant", "content": "One two"} in history
+        assert history[-1] == {"role": "user", "content": "Stop."}
+        term.type("/quit\r")
+        assert await term.exit_code() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from callbrain.agent import Agent, example_agent_path
 from callbrain.testing.client import RetellClient
+from callbrain.testing.fake_llm import FakeOpenAIServer
 from callbrain.testing.serve import free_port
 
 
@@ -41,7 +43,7 @@ def served_example() -> Iterator[tuple[int, subprocess.Popen[str]]]:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
                 if response.status == 200:
                     break
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, OSError):  # refused (or timed out) until it is up
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             output = proc.communicate(timeout=5)[0] if proc.poll() is not None else ""
@@ -122,4 +124,78 @@ def test_example_prints_a_loadable_agent_file(tmp_path: Path) -> None:
     assert result.returncode == 0
     copy = tmp_path / "mine.yaml"
     copy.write_text(result.stdout)
-    assert Agent.from_yaml(copy) == Agent.from_yaml(example_agent_path())
+    # The same definition (the folder its tools are looked up in differs).
+    assert Agent.from_yaml(copy).model_dump() == Agent.from_yaml(example_agent_path()).model_dump()
+
+
+PIZZA_TOOLS = '''
+def menu() -> list[str]:
+    """What is on the menu."""
+    return ["margherita"]
+'''
+
+
+async def serve_until(
+    args: list[str], marker: bytes
+) -> tuple[asyncio.subprocess.Process, list[str]]:
+    """``callbrain serve *args`` as a subprocess, its stderr read up to ``marker``."""
+    proc = await asyncio.create_subprocess_exec(
+        *callbrain("serve", *args), stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "300"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while marker not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
+        assert line, "\n".join(lines) + "\ncallbrain serve exited"
+        lines.append(line.decode().rstrip("\n"))
+    lines.append(line.decode().rstrip("\n"))
+    return proc, lines
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGINT)
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_serve_a_folder_of_agents_each_at_its_own_url(tmp_path: Path) -> None:
+    async with FakeOpenAIServer() as fake:
+        llm = f"llm: {{provider: openai, base_url: '{fake.base_url}', api_key: k}}\n"
+        (tmp_path / "pizza_tools.py").write_text(PIZZA_TOOLS)
+        (tmp_path / "pizza.yaml").write_text(
+            "name: pizza\nbegin_message: Pizza here.\n" + llm
+            + "tools: [{type: python, function: 'pizza_tools:menu'}]\n"
+        )  # fmt: skip
+        (tmp_path / "sushi.yaml").write_text("name: sushi\nbegin_message: Sushi here.\n" + llm)
+        port = free_port()
+        proc, lines = await serve_until([str(tmp_path), "--port", str(port)], b"listening on")
+        try:
+            banner = "\n".join(lines)
+            for name in ("pizza", "sushi"):
+                assert f"In Retell   wss://<your-public-host>/llm-websocket/agent/{name}" in banner
+                url = f"ws://127.0.0.1:{port}/llm-websocket/agent/{name}"
+                assert f"WebSocket   {url}/{{call_id}}" in banner
+                async with RetellClient.connect(url, f"call-{name}") as call:
+                    await call.expect_config()
+                    assert (await call.expect_begin()).text == f"{name.title()} here."
+        finally:
+            assert await stop(proc) == 0
+
+
+async def test_with_log_json_the_banner_is_log_lines(tmp_path: Path) -> None:
+    async with FakeOpenAIServer() as fake:
+        agent_file = tmp_path / "agent.yaml"
+        agent_file.write_text(
+            f"name: j\nbegin_message: Hi.\nllm: {{provider: openai, base_url: '{fake.base_url}', "
+            "api_key: k}\n"
+        )
+        args = [str(agent_file), "--port", "0", "--log-json"]  # any free port: the banner says
+        proc, lines = await serve_until(args, b"listening on")
+        try:
+            entries = [json.loads(line) for line in lines]  # every line is a JSON object
+            [agent] = [e["msg"] for e in entries if e["msg"].startswith("serving agent 'j'")]
+            assert "Retell URL wss://<your-public-host>/llm-websocket" in agent
+            port = int(agent.split("socket ws://127.0.0.1:")[1].split("/")[0])
+            async with RetellClient.connect(f"ws://127.0.0.1:{port}/llm-websocket", "c") as call:
+                await call.expect_config()
+        finally:
+            assert await stop(proc) == 0

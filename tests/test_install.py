@@ -76,7 +76,7 @@ def test_the_core_install_serves_an_openai_agent(installed: Path, tmp_path: Path
             )  # fmt: skip
             try:
                 assert server.stdout is not None
-                while b"Uvicorn running on" not in (line := await server.stdout.readline()):
+                while b"listening on http://" not in (line := await server.stdout.readline()):
                     assert line, "callbrain serve exited before it was ready"
                 url = f"ws://127.0.0.1:{port}/llm-websocket"
                 async with RetellClient.connect(url, "wheel-call") as call:

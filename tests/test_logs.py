@@ -8,8 +8,12 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from support import collect
 
-from callbrain.logs import call_id_var, configure_logging
+from callbrain.llm import OpenAIConfig
+from callbrain.llm.openai import OpenAILLM
+from callbrain.logs import PER_REQUEST_LOGGERS, call_id_var, configure_logging
+from callbrain.testing.fake_llm import FakeOpenAIServer
 
 
 @pytest.fixture
@@ -52,3 +56,27 @@ def test_text_lines_carry_the_call_id(capsys: pytest.CaptureFixture[str]) -> Non
     configure_logging("debug")
     asyncio.run(_log_from_a_call_task("abc123"))
     assert "call=abc123 turn done" in capsys.readouterr().err
+
+
+async def _one_model_request() -> None:
+    async with FakeOpenAIServer() as fake:
+        llm = OpenAILLM(OpenAIConfig(provider="openai", base_url=fake.base_url, api_key="k"))
+        try:
+            await collect(llm)
+        finally:
+            await llm.aclose()
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_no_line_per_model_request_above_debug(
+    capsys: pytest.CaptureFixture[str], level: str
+) -> None:
+    configure_logging(level)
+    asyncio.run(_one_model_request())
+    for name in PER_REQUEST_LOGGERS:
+        logging.getLogger(name).warning("a warning of %s", name)  # never hidden
+    err = capsys.readouterr().err
+    assert ("HTTP Request: POST" in err) == (level == "debug")
+    for name in PER_REQUEST_LOGGERS:
+        assert f"a warning of {name}" in err

@@ -41,6 +41,7 @@ async def test_healthz_counts_active_calls() -> None:
             "status": "ok",
             "agent": "srv",
             "active_calls": 0,
+            "agents": {"srv": {"active_calls": 0}},
         }
         ws = "ws" + http.removeprefix("http") + "/llm-websocket"
         async with RetellClient.connect(ws, "c1") as call:

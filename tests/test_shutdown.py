@@ -112,7 +112,7 @@ async def test_sigterm_drains_callbrain_serve_and_exits_cleanly(tmp_path: Path) 
 
         try:
             http = f"http://127.0.0.1:{port}"
-            await asyncio.wait_for(log_line(b"Uvicorn running on"), 60)
+            await asyncio.wait_for(log_line(b"listening on http://"), 60)
             async with RetellClient.connect(f"ws://127.0.0.1:{port}/llm-websocket", "c1") as call:
                 await call.expect_config()
                 await call.expect_begin()

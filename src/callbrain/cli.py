@@ -11,16 +11,14 @@ from typing import Annotated, Literal, NoReturn
 import orjson
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
-from callbrain.errors import AgentConfigError
-from callbrain.extras import MissingExtraError
-from callbrain.logs import configure_logging
+from callbrain.logs import LogLevel, configure_logging
 from callbrain.records.cli import calls_app
-from callbrain.server.app import DEFAULT_PREFIX, create_app
-from callbrain.server.process import CallbrainServer, raise_open_file_limit, uvicorn_config
+from callbrain.server.app import DEFAULT_PREFIX, create_app, server_settings
+from callbrain.server.process import listening_socket, serve_when_ready
+from callbrain.startup import UsageError, announce, fail, load_agents, reporting
 from callbrain.testing.chat_terminal import chat_command
 from callbrain.testing.fake_llm.command import fake_llm
 
@@ -30,6 +28,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+
+LOG_LEVEL_OPTION = typer.Option(case_sensitive=False, help="How much to log.")
 
 
 def _version(value: bool) -> None:
@@ -47,67 +47,56 @@ def main(
     """callbrain: the brain behind Retell voice agents."""
 
 
+DEBUG_OPTION = typer.Option("--debug", help="Show the traceback of a start-up error.")
+
+
 @app.command()
 def serve(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="AGENT",
+            help="Agent files, or folders of them (every *.yaml). Default: the shipped example.",
+            show_default=False,
+        ),
+    ] = None,
     agent: Annotated[
-        Path | None,
-        typer.Option("--agent", "-a", help="Agent YAML file. Default: the shipped clinic example."),
+        list[Path] | None,
+        typer.Option("--agent", "-a", help="An agent file (repeatable; same as the arguments)."),
     ] = None,
     host: Annotated[
         str, typer.Option(help="Interface to listen on (0.0.0.0 for all).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one).")] = 8080,
     prefix: Annotated[str, typer.Option(help="WebSocket route prefix.")] = DEFAULT_PREFIX,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[LogLevel, LOG_LEVEL_OPTION] = "info",
     log_json: Annotated[
-        bool, typer.Option("--log-json", help="One JSON object per log line.")
+        bool,
+        typer.Option("--log-json", help="One JSON object per log line (the banner too)."),
     ] = False,
+    debug: Annotated[bool, DEBUG_OPTION] = False,
 ) -> None:
-    """Run the Retell Custom LLM WebSocket server for one agent."""
+    """Run the Retell Custom LLM WebSocket server for one agent or several."""
     configure_logging(log_level, json=log_json)
-    path = agent or example_agent_path()
-    try:
-        definition = Agent.from_yaml(path)
-        # Built now so a tool that does not import fails here, not on a call.
-        application = create_app(definition, prefix=prefix)
-    except (AgentConfigError, MissingExtraError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    route = "/" + prefix.strip("/") if prefix.strip("/") else ""
-    # A placeholder: the secret itself never goes to the terminal (or its scrollback).
-    secret = "/<secret>" if definition.server.access.secret is not None else ""
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    llm = definition.llm
-    model = (
-        getattr(llm, "model", None) or getattr(llm, "model_path", None) or "SmolLM2-135M (shipped)"
-    )
-    console.print(
-        f"[bold]callbrain[/bold] agent [cyan]{definition.name}[/cyan] "
-        f"({llm.provider}: {model}) from {path}\n"
-        f"  WebSocket   ws://{shown_host}:{port}{route}{secret}/{{call_id}}\n"
-        f"  Health      http://{shown_host}:{port}/healthz\n"
-        f"  In Retell (agent > Custom LLM URL) paste: [green]wss://<your-public-host>{route}{secret}[/green]\n"
-        f"  Retell appends /{{call_id}} itself; terminate TLS at a proxy or tunnel.",
-        highlight=False,
-        soft_wrap=True,
-    )
-    # The ~200,000 objects imports create live as long as the process; a full
-    # garbage collection walked them all, pausing every call for ~100 ms (the p99
-    # of `callbrain bench`). Frozen, they are never walked again.
-    gc.collect()
-    gc.freeze()
-    settings = definition.server
-    # Before the config: the share of descriptors half-open connections may take
-    # is worked out from the limit.
-    raise_open_file_limit(settings.access.max_pending_handshakes)
-    config = uvicorn_config(application, host=host, port=port, settings=settings)
-    server = CallbrainServer(
-        config,
-        application.state.runtime,
-        drain_s=settings.drain_s,
-        finish_turn_s=settings.finish_turn_s,
-    )
-    server.run()
+    with reporting(debug):
+        agents = load_agents([*(files or []), *(agent or [])] or [example_agent_path()])
+        # Built now so a tool that does not import, a missing key or model file fail
+        # here, not on a call; the socket is bound before anything is announced.
+        application = create_app(agents, prefix=prefix)
+        settings = server_settings(agents)
+        sock = listening_socket(host, port)
+
+        def ready() -> None:
+            bound = int(sock.getsockname()[1])
+            announce(agents, settings, host=host, port=bound, prefix=prefix, json=log_json)
+            # The ~200,000 objects imports create live as long as the process; a full
+            # garbage collection walked them all, pausing every call for ~100 ms (the
+            # p99 of `callbrain bench`). Frozen, they are never walked again.
+            gc.collect()
+            gc.freeze()
+
+        # The store and the models start first: a failure is one line, not a banner.
+        serve_when_ready(application, sock, host=host, settings=settings, ready=ready)
 
 
 @app.command("test")
@@ -127,23 +116,22 @@ def test_scenarios(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON ('-': stdout).")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="The served agent's log level.")] = "warning",
+    log_level: Annotated[LogLevel, LOG_LEVEL_OPTION] = "warning",
+    debug: Annotated[bool, DEBUG_OPTION] = False,
 ) -> None:
     """Run scenario files (simulated calls) and check every frame against the protocol."""
-    from callbrain.testing.scenario import ScenarioError, example_scenarios_path, find_scenarios
+    from callbrain.testing.scenario import example_scenarios_path, find_scenarios
     from callbrain.testing.suite import report_json, report_table, run_suite
 
     configure_logging(log_level)
-    if url is not None and agent is not None:
-        _fail("give --url or --agent, not both")
-    try:
+    with reporting(debug):
+        if url is not None and agent is not None:
+            raise UsageError("give --url or --agent, not both")
         files = find_scenarios(paths or [example_scenarios_path()])
         definition = None if url else Agent.from_yaml(agent or example_agent_path())
         if definition is not None:
             definition.build_tools()  # fail here, once, not in every scenario
         results = asyncio.run(run_suite(files, url=_ws_url(url), agent=definition))
-    except (ScenarioError, AgentConfigError) as exc:
-        _fail(str(exc))
     if json_path is not None:
         text = orjson.dumps(report_json(results), option=orjson.OPT_INDENT_2).decode()
         if str(json_path) == "-":
@@ -153,6 +141,33 @@ def test_scenarios(
     report_table(results, console if str(json_path) == "-" else Console())
     if not all(result.passed for result in results):
         raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="AGENT",
+            help="Agent files, or folders of them. Default: the shipped example.",
+            show_default=False,
+        ),
+    ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live", help="Also send one tiny request to each model, and ping a Redis store."
+        ),
+    ] = False,
+    debug: Annotated[bool, DEBUG_OPTION] = False,
+) -> None:
+    """Check agent files before a deploy: keys, tools, models, extras; exit 0 or 2."""
+    from callbrain.check import run_check
+
+    configure_logging("warning")
+    with reporting(debug):
+        code = run_check(files or [example_agent_path()], live=live, console=Console())
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -257,8 +272,7 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise fail(message)
 
 
 def _ws_url(url: str | None) -> str | None:

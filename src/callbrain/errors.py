@@ -29,6 +29,12 @@ class AgentConfigError(ValueError):
     """
 
 
+class StartupError(Exception):
+    """The server cannot start: a port that is taken, a store that does not answer,
+    a model that does not load. One line saying what and what to do; the CLI
+    prints it as it is and exits with status 2."""
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One thing wrong with a document: where (``tools[0].number``) and what."""
@@ -37,6 +43,8 @@ class Problem:
     what: str
     unknown_key: str | None = None
     """For an unknown key: the key itself (``where`` is the object holding it)."""
+    suggestion: str | None = None
+    """For an unknown key: the valid key it is closest to, if any."""
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}" if self.where else self.what
@@ -73,28 +81,64 @@ def problems(
     file never holds) are left out.
     """
     found: list[Problem] = []
-    for error in exc.errors(include_url=False, include_input=False):
+    errors = [
+        error
+        for error in exc.errors(include_url=False, include_input=False)
+        if not any(str(part).startswith("is-instance[") for part in error["loc"])
+    ]
+    for error in _closest_branches(errors, model, root):
         loc = tuple(error["loc"])
-        if any(str(part).startswith("is-instance[") for part in loc):
-            continue
         kind = error["type"]
         if kind == "extra_forbidden" and loc:
             key = str(loc[-1])
             where, known = _walk(model, loc[:-1], root)
             what = f"unknown key {key!r}"
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
             if close:
                 what += f" (did you mean {close[0]!r}?)"
             elif known:
                 what += f" (valid keys: {', '.join(sorted(known))})"
-            found.append(Problem(where, what, key))
+            found.append(Problem(where, what, key, close[0] if close else None))
         elif kind == "missing":
             found.append(Problem(location(loc, model, root=root), "required but missing"))
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            walked = _walk_types(model, loc, root)
+            found.append(Problem(walked.where, _tag_problem(error, walked.tags)))
+        elif kind in _IP_ERRORS:
+            # One line for an address that is neither IPv4 nor IPv6 (two union members).
+            what = "not an IP address or network (CIDR), e.g. 100.20.5.228/32"
+            found.append(Problem(location(loc, model, root=root), what))
         else:
             message = str(error["msg"]).removeprefix("Value error, ")
             found.append(Problem(location(loc, model, root=root), message))
-    unique = list(dict.fromkeys(found))
+    # A misspelt required key is one problem, not two: the unknown key says it.
+    misspelt = {_join(p.where, p.suggestion) for p in found if p.suggestion is not None}
+    kept = [p for p in found if not (p.what == "required but missing" and p.where in misspelt)]
+    unique = list(dict.fromkeys(kept))
     return unique if limit is None else unique[:limit]
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+_IP_ERRORS = frozenset(
+    {"ip_v4_network", "ip_v6_network", "ip_v4_address", "ip_v6_address", "ip_any_network"}
+)
+
+
+def _tag_problem(error: Any, expected: list[str]) -> str:
+    """A discriminated union's tag (``provider``, ``type``) missing or unknown, in words."""
+    ctx = error.get("ctx") or {}
+    key = str(ctx.get("discriminator", "type")).strip("'")
+    if error["type"] == "union_tag_not_found":
+        return f"{key!r} is required" + (f": one of {', '.join(expected)}" if expected else "")
+    tag = str(ctx.get("tag", ""))
+    what = f"unknown {key} {tag!r}"
+    close = difflib.get_close_matches(tag, expected, n=1, cutoff=0.6)
+    if close:
+        what += f" (did you mean {close[0]!r}?)"
+    return what + (f"; one of: {', '.join(expected)}" if expected else "")
 
 
 def describe(
@@ -113,16 +157,32 @@ def describe(
     return sep.join(shown)
 
 
+@dataclass(frozen=True, slots=True)
+class _Walked:
+    where: str
+    """The readable location."""
+    keys: list[str]
+    """The keys valid there (as far as the types of the model say; none without one)."""
+    tags: list[str]
+    """The tags of the discriminated union found there, if any."""
+    branches: tuple[tuple[tuple[int | str, ...], str], ...]
+    """The union members pydantic tried on the way: (location of the union, member)."""
+
+
 def _walk(
     model: type[BaseModel] | None, loc: tuple[int | str, ...], root: str
 ) -> tuple[str, list[str]]:
-    """The readable location of ``loc`` and the keys valid there (as far as the
-    types of ``model`` say; none without a model)."""
+    """The readable location of ``loc`` and the keys valid there."""
+    walked = _walk_types(model, loc, root)
+    return walked.where, walked.keys
+
+
+def _walk_types(model: type[BaseModel] | None, loc: tuple[int | str, ...], root: str) -> _Walked:
+    """Follow ``loc`` through the types of ``model``, skipping pydantic's own steps."""
     where = root
     candidates: list[Any] = [] if model is None else [model]
-    for part in loc:
-        if isinstance(part, str) and part.startswith(_BOOKKEEPING):
-            continue
+    branches: list[tuple[tuple[int | str, ...], str]] = []
+    for index, part in enumerate(loc):
         if isinstance(part, int):
             where += f"[{part}]"
             candidates = [
@@ -132,11 +192,23 @@ def _walk(
                 if typing.get_origin(m) in (list, tuple, set, frozenset) and typing.get_args(m)
             ]
             continue
-        models = [m for kind in candidates for m in _members(kind) if _is_model(m)]
+        members = [m for kind in candidates for m in _members(kind)]
+        models = [m for m in members if _is_model(m)]
+        if part.startswith(_BOOKKEEPING):
+            # A union member (or a validator around one) that pydantic tried.
+            named = [m for m in members if _type_name(m) and part.endswith(f", {_type_name(m)}]")]
+            branches.append((loc[:index], part))
+            candidates = named or candidates
+            continue
         if not any(_field(m, part) is not None for m in models):
             tagged = [m for m in models if _tag_of(m) == part]
             if tagged:
                 candidates = tagged  # the tag pydantic put after a discriminated union
+                continue
+            named = [m for m in members if _type_name(m) == part]
+            if named and len(members) > 1:
+                branches.append((loc[:index], part))  # a plain union's member, by name
+                candidates = named
                 continue
         where += f".{part}" if where else part
         candidates = [f.annotation for m in models if (f := _field(m, part)) is not None]
@@ -147,7 +219,37 @@ def _walk(
         if _is_model(m)
         for name, f in m.model_fields.items()
     ]
-    return where, list(dict.fromkeys(keys))
+    tags = [
+        tag
+        for kind in candidates
+        for m in _members(kind)
+        if _is_model(m) and (tag := _tag_of(m)) is not None
+    ]
+    return _Walked(where, list(dict.fromkeys(keys)), list(dict.fromkeys(tags)), tuple(branches))
+
+
+def _type_name(kind: Any) -> str | None:
+    return kind.__name__ if isinstance(kind, type) else None
+
+
+def _closest_branches(errors: list[Any], model: type[BaseModel] | None, root: str) -> list[Any]:
+    """Only the errors of the union member that came closest, wherever a plain
+    union was tried member by member: a scenario step that is a caller turn with
+    one typo is not also reported as a silence missing ``silence_ms``."""
+    walks = [_walk_types(model, tuple(error["loc"]), root).branches for error in errors]
+    counts: dict[tuple[tuple[int | str, ...], str], int] = {}
+    for branches in walks:
+        for branch in branches:
+            counts[branch] = counts.get(branch, 0) + 1
+    best: dict[tuple[int | str, ...], str] = {}
+    for (where, member), count in counts.items():  # first seen wins a tie
+        if where not in best or count < counts[(where, best[where])]:
+            best[where] = member
+    return [
+        error
+        for error, branches in zip(errors, walks, strict=True)
+        if all(best[where] == member for where, member in branches)
+    ]
 
 
 def _is_model(kind: Any) -> bool:

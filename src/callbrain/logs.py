@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import orjson
 
@@ -55,6 +56,12 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s call=%(call_id)s %(message)s"
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+PER_REQUEST_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2")
+"""HTTP clients under the provider SDKs and HTTP tools, which log a line at INFO
+for every request they make: one per model request of every turn. Their
+warnings and errors still show; their INFO lines only at ``debug``."""
 
 
 def configure_logging(level: str = "info", *, json: bool = False) -> None:
@@ -68,6 +75,9 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    quiet = logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING
+    for name in PER_REQUEST_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,8 +33,9 @@ CallEnd = Literal["open", "hangup", "drop", "drain", "error", "inactive"]
 IgnoredFrame = Literal["binary", "unknown_type", "malformed", "oversized", "stale_request"]
 """Why an inbound frame was skipped (the call goes on): a fixed set, so a metric
 labelled with it stays small."""
-RefusedSocket = Literal["address", "secret", "max_calls", "draining"]
-"""Why a call socket was refused before it was accepted."""
+RefusedSocket = Literal["address", "secret", "max_calls", "draining", "path"]
+"""Why a call socket was refused before it was accepted (``path``: no call socket
+there, answered 404)."""
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ started before the request (:mod:`callbrain.call.speculation`) can be used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from callbrain.agent import Agent
 from callbrain.call.conversation import ToolExchange, build_chat_request
@@ -35,11 +35,11 @@ class Responder:
         llm: LLM,
         runner: ToolRunner,
         send: ResponseSender,
-        variables: dict[str, str],
+        variables: Callable[[], Mapping[str, str]],
         history: Callable[[], Sequence[ToolExchange]],
     ) -> None:
-        """``variables`` is the call's own (it changes as call details come);
-        ``history`` gives the call's tool history as it is at each request."""
+        """``variables`` and ``history`` give the call's template variables (the
+        clock included) and tool history as they are at each request."""
         self.agent = agent
         self.llm = llm
         self.runner = runner
@@ -57,7 +57,7 @@ class Responder:
         request, missing = build_chat_request(
             system_prompt=self.agent.system_prompt,
             transcript=frame.transcript,
-            variables=self._variables,
+            variables=self._variables(),
             max_messages=self.agent.max_history_messages,
             reminder_prompt=self.agent.reminder_prompt if reminder else None,
             tools=[tool.spec for tool in self.runner.tools.values()],

@@ -51,6 +51,7 @@ from callbrain.call.record import CallLog, CallRecord, Observers, TurnOutcome, T
 from callbrain.call.responder import Responder
 from callbrain.call.sender import Sender, Transport
 from callbrain.call.state import CallState, Lifecycle
+from callbrain.call.variables import call_variables, turn_variables
 from callbrain.llm.base import LLM
 from callbrain.retell.frames import (
     CallDetails,
@@ -66,7 +67,6 @@ from callbrain.retell.frames import (
     UnknownInteraction,
     UpdateOnly,
     Utterance,
-    dynamic_variables,
     parse_inbound,
 )
 from callbrain.retell.ledger import BEGIN_ID, ResponseLedger
@@ -82,9 +82,6 @@ logger = logging.getLogger("callbrain.call")
 # a deliberate hang-up and ends the call without reconnecting.
 CLOSE_NORMAL = 1000
 CLOSE_INTERNAL_ERROR = 1011
-
-# Fields of the call object that prompts may use as {{variables}} too.
-_CALL_FIELDS = ("call_id", "call_type", "direction", "from_number", "to_number", "agent_id")
 
 
 class CallSession:
@@ -120,7 +117,7 @@ class CallSession:
         self.transcript: list[Utterance] = []
         self.turntaking: str | None = None
         self.call: dict[str, object] | None = None
-        self.variables: dict[str, str] = {**agent.dynamic_variables, "call_id": call_id}
+        self.variables = call_variables(agent.dynamic_variables, call_id, None)
         self.tool_history: list[ToolExchange] = []
         self.control = CallControl(call_id, self, self.variables, lambda: self.call)
         self.control.on_change = self._remember
@@ -151,7 +148,7 @@ class CallSession:
             llm=llm,
             runner=self.runner,
             send=self._send_response,
-            variables=self.variables,
+            variables=self._turn_variables,
             history=lambda: self.tool_history,
         )
 
@@ -270,12 +267,13 @@ class CallSession:
 
     def _take_call_details(self, call: dict[str, Any]) -> None:
         self.call = call
-        for key in _CALL_FIELDS:
-            value = call.get(key)
-            if isinstance(value, str):
-                self.variables[key] = value
-        self.variables.update(dynamic_variables(call))
+        # In place: the call's control and record hold this dict.
+        self.variables.update(call_variables(self.agent.dynamic_variables, self.call_id, call))
         self._details_arrived.set()
+
+    def _turn_variables(self) -> dict[str, str]:
+        """The variables with the clock as it is now (see :mod:`callbrain.call.variables`)."""
+        return turn_variables(self.variables, self.call, self.agent.zone)
 
     def _on_turn_request(self, frame: TurnRequest) -> None:
         rid = frame.response_id
@@ -325,7 +323,7 @@ class CallSession:
         record = self._log.open_turn(BEGIN_ID, "begin")
         text = ""
         if not self.resumed:  # a reconnect: the caller heard the greeting long ago
-            text, missing = render_template(self.agent.begin_message, self.variables)
+            text, missing = render_template(self.agent.begin_message, self._turn_variables())
             if missing:
                 logger.warning("begin_message variables without a value: %s", ", ".join(missing))
         if await self._send_response(BEGIN_ID, text.strip(), complete=True):

@@ -5,8 +5,11 @@ Retell sends no credentials on this socket (protocol reference, section 5), so
 the defences are a secret in the URL and Retell's published address. Both are
 checked before ``websocket.accept()``: a refused client gets a bare HTTP 403 to
 its handshake and never a frame. A missing secret, a wrong one, an address not
-allowed and a full server all get the same 403, so probing learns nothing;
-only the log line says which it was.
+allowed, a full server and a draining one all get the same 403, so probing
+learns nothing; only the log line says which it was. A path where no call socket
+is served (a URL without the prefix, an agent name that does not exist) is
+answered 404 instead, so whoever set the URL can tell a wrong path from a
+refused secret; that says nothing about the secret.
 
 Refusals are logged without the secret or whatever was presented in its place,
 at most ``rejections_per_minute`` per client address (then one line saying the
@@ -28,6 +31,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Literal
 from urllib.parse import parse_qsl, quote, quote_plus
 
+from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
 from callbrain.call.record import RefusedSocket
@@ -204,14 +208,23 @@ class AccessGuard:
             if self._secret is not None:
                 handshake_line_var.set(HandshakeLine(self._shown_path(websocket), quiet=False))
             return True
-        kind, reason = refusal
+        await self.refuse(websocket, *refusal)
+        return False
+
+    async def refuse(
+        self, websocket: WebSocket, kind: RefusedSocket, reason: str, *, not_found: bool = False
+    ) -> None:
+        """Refuse the handshake (HTTP 403, or 404 with ``not_found``), counted as
+        ``kind`` and logged with ``reason`` within the rate limit, without the secret."""
         if self._on_refusal is not None:
             self._on_refusal(kind)
+        peer = websocket.client.host if websocket.client is not None else None
+        address = self.client_address(peer, websocket.headers.getlist("x-forwarded-for"))
         who = "an unparsable address" if address is None else str(address)
         if peer is None or address != parse_address(peer):
             who += f" (via {peer})"  # taken from X-Forwarded-For, or no usable peer
         verdict = self.limiter.hit(str(address) if address is not None else f"? {peer}")
-        shown = self._shown_path(websocket)
+        shown = self._shown_path(websocket, only_first=not_found)
         handshake_line_var.set(HandshakeLine(shown, quiet=verdict != "log"))
         if verdict == "log":
             logger.warning("refused a call socket from %s to %s: %s", who, shown, reason)
@@ -222,8 +235,11 @@ class AccessGuard:
                 self.limiter.per_minute + 1,
                 who,
             )
-        await websocket.close(_CLOSE_REFUSED)
-        return False
+        if not_found and "websocket.http.response" in websocket.scope.get("extensions", {}):
+            answer = "No call socket at this path.\n" if verdict == "log" else ""
+            await websocket.send_denial_response(PlainTextResponse(answer, status_code=404))
+        else:
+            await websocket.close(_CLOSE_REFUSED)
 
     def _refusal(
         self, address: IPAddress | None, presented: str | None, calls: int
@@ -239,23 +255,29 @@ class AccessGuard:
             return "max_calls", f"too many calls ({calls} in progress, max_calls is {limit})"
         return None
 
-    def _shown_path(self, websocket: WebSocket) -> str:
+    def _shown_path(self, websocket: WebSocket, *, only_first: bool = False) -> str:
         """The request path as logs may show it: the secret segment, the token and
         anything equal to the secret replaced, the rest percent-encoded (so a
-        newline in a path cannot forge a log line), and cut short if very long."""
+        newline in a path cannot forge a log line), and cut short if very long.
+        With ``only_first`` (a path that matched no route, so where a secret
+        might be is unknown) every segment after the first is replaced too."""
         segments = str(websocket.scope.get("path", "")).split("/")
         secret_at = len(segments) - 2 if SECRET_PARAM in websocket.path_params else -1
         shown = "/".join(
-            REDACTED if i == secret_at or self._is_secret(s) else quote(s)
+            REDACTED if i == secret_at or (only_first and i > 1) or self._is_secret(s) else quote(s)
             for i, s in enumerate(segments)
         )
         query = websocket.scope.get("query_string", b"").decode("latin-1")
         if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
             shown += "?" + "&".join(
-                f"{quote(k)}={REDACTED if k == TOKEN_PARAM or self._is_secret(v) else quote(v)}"
-                for k, v in parse_qsl(query, keep_blank_values=True)
+                f"{quote(k)}={REDACTED if self._hides(k, v, only_first) else quote(v)}"
+                for k, v in pairs
             )
         return shown if len(shown) <= _MAX_SHOWN_PATH else shown[:_MAX_SHOWN_PATH] + "..."
+
+    def _hides(self, key: str, value: str, everything: bool) -> bool:
+        return everything or key == TOKEN_PARAM or self._is_secret(value)
 
     def _is_secret(self, text: str) -> bool:
         return self._secret is not None and self.secret_matches(text)

@@ -24,6 +24,8 @@ a keep-alive connection waits for its next request.
   real handshake (done in one round trip) is not crowded out.
 * An endless request head gets a 431 (:data:`MAX_HEAD_BYTES`), and an upgrade that
   ``websockets`` refuses to parse gets its answer (or a 400) at once.
+* An upgrade the app refuses with a response of its own (the 404 for a path with
+  no call socket) ends the handshake, as a 403 does.
 
 Everything else (routing, frames, keep-alive pings, the close handshake) is
 uvicorn's, unchanged.
@@ -212,6 +214,10 @@ class HandshakeWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            # A refusal with a response of the app's own (a 404) has been sent; uvicorn
+            # does not count that as the end of the handshake and would log an error.
+            self.handshake_complete = True
         if self.handshake_complete:  # accepted (or refused) by the app
             self.half_open.completed(self.transport)
 

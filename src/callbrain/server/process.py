@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
+from callbrain.errors import StartupError
 from callbrain.server.handshake import HalfOpenConnections, handshake_protocols
 from callbrain.server.settings import AccessSettings, ServerSettings
 
@@ -103,6 +106,53 @@ def uvicorn_config(
     return uvicorn.Config(app, **options)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port the system picks), for
+    uvicorn to listen on. Bound before anything is announced, so a port that is
+    taken fails the start-up (a :class:`~callbrain.errors.StartupError` saying
+    what to change) instead of printing a banner for a server that is not there;
+    not listening until uvicorn serves, so a connection that is accepted (a load
+    balancer's TCP check, say) still means the agents are ready.
+
+    ``IPPROTO_TCP``, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only
+    on sockets whose proto says TCP; without it each streamed chunk on a reused
+    keep-alive connection waited ~40 ms for the client's delayed ACK.
+    """
+    if not 0 <= port <= 65535:
+        raise StartupError(
+            f"port {port} is not a TCP port (1-65535, or 0 for any free one); "
+            "choose one with --port"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn does
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(_bind_failure(host, port, exc)) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is already in use (another callbrain serve?); "
+            "stop it, or choose another port with --port"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"no permission to listen on port {port} (ports below 1024 need privileges); "
+            "choose another with --port, e.g. --port 8080"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine; use --host 127.0.0.1 or 0.0.0.0"
+    if isinstance(exc, socket.gaierror):
+        return f"--host {host!r} is not a known address ({exc.strerror})"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
 def open_file_limit() -> int | None:
     """This process's soft limit on open files; None where there is none to read."""
     if resource is None:
@@ -146,6 +196,41 @@ def pending_handshake_limit(configured: int) -> int:
     return min(configured, max(_MIN_PENDING_HANDSHAKES, limit // 4))
 
 
+def serve_when_ready(
+    app: Starlette,
+    sock: socket.socket,
+    *,
+    host: str,
+    settings: ServerSettings,
+    ready: Callable[[], None],
+) -> None:
+    """``callbrain serve``: start every agent of ``app`` (check the store, load
+    the models), raise the open-file limit, call ``ready`` (the banner: all it
+    announces works), then serve on ``sock`` (bound and listening) until a
+    signal ends the drain. A start that fails raises its
+    :class:`~callbrain.errors.StartupError` before anything else is said."""
+    runtimes: list[AgentRuntime] = app.state.runtimes
+
+    async def main() -> None:
+        for runtime in runtimes:
+            await runtime.start()
+        # Before the config: the share of descriptors half-open connections may
+        # take is worked out from the limit.
+        raise_open_file_limit(settings.access.max_pending_handshakes)
+        port = int(sock.getsockname()[1])
+        config = uvicorn_config(app, host=host, port=port, settings=settings)
+        server = CallbrainServer(
+            config, runtimes, drain_s=settings.drain_s, finish_turn_s=settings.finish_turn_s
+        )
+        ready()
+        await server.serve(sockets=[sock])
+
+    # uvicorn's choice of event loop (uvloop when installed), which it makes in its run().
+    loop_factory = uvicorn.Config(app, log_config=None).get_loop_factory()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
 class ProcessServer(uvicorn.Server):
     """uvicorn as the process's own server, ending with status 0 on SIGINT/SIGTERM.
 
@@ -168,10 +253,15 @@ class CallbrainServer(ProcessServer):
     """uvicorn's server with a draining first signal (see the module docstring)."""
 
     def __init__(
-        self, config: uvicorn.Config, runtime: AgentRuntime, *, drain_s: float, finish_turn_s: float
+        self,
+        config: uvicorn.Config,
+        runtimes: Sequence[AgentRuntime],
+        *,
+        drain_s: float,
+        finish_turn_s: float,
     ) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.runtimes = list(runtimes)
         self.drain_s = drain_s
         self.finish_turn_s = finish_turn_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,6 +270,16 @@ class CallbrainServer(ProcessServer):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        # uvicorn says nothing when it is handed its sockets; this is the line that
+        # says calls are being taken.
+        for sock in sockets or []:
+            host, port = sock.getsockname()[:2]
+            logger.info("listening on http://%s:%d", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the main thread between two bytecodes, not in a loop callback.
@@ -195,7 +295,8 @@ class CallbrainServer(ProcessServer):
 
     async def _drain_then_exit(self) -> None:
         try:
-            left = await self.runtime.drain(self.drain_s, grace=self.finish_turn_s)
+            drains = (r.drain(self.drain_s, grace=self.finish_turn_s) for r in self.runtimes)
+            left = sum(await asyncio.gather(*drains))
             if left:
                 dropped = self._drop_websockets()
                 logger.info("dropped %d call socket(s) for Retell to reconnect elsewhere", dropped)

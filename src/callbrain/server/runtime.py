@@ -1,5 +1,6 @@
 """What one agent's calls share: its tools, its model client, the store, the
-observers, and the sessions in progress (which is what a drain works on).
+observers, and the sessions in progress (which is what a drain works on). A
+server of several agents has a runtime each, sharing the store and observers.
 
 Tools and the model client are built at once (unless a model was given), so
 a broken tool reference, a missing API key or model file, or a missing extra
@@ -24,11 +25,14 @@ from callbrain.agent import Agent
 from callbrain.call.conversation import build_chat_request, render_template
 from callbrain.call.record import Observers
 from callbrain.call.session import CallSession
-from callbrain.errors import AgentConfigError
+from callbrain.call.variables import call_variables, turn_variables
+from callbrain.errors import AgentConfigError, StartupError
 from callbrain.extras import MissingExtraError
-from callbrain.llm import LLM, ChatRequest, LLMError, create_llms
-from callbrain.records import open_recorder
+from callbrain.llm import LLM, ChatRequest, LLMConfig, LLMError, create_llm
+from callbrain.llm.failover import FailoverLLM
+from callbrain.records.recorder import CallRecorder
 from callbrain.retell.frames import Utterance
+from callbrain.server.settings import ServerSettings
 from callbrain.stores import GuardedStore, Store, open_store
 from callbrain.tools.idempotency import ResultStore
 from callbrain.tools.runner import Toolbox
@@ -36,12 +40,32 @@ from callbrain.tools.runner import Toolbox
 logger = logging.getLogger("callbrain.server")
 
 
-def _build_llm(agent: Agent) -> LLM:
-    """The agent's model client (and its fallbacks), or the configuration error."""
+def llm_entries(agent: Agent) -> list[tuple[str, LLMConfig]]:
+    """The agent's models in order of preference, each with its key in the file."""
+    fallbacks = [(f"fallback_llms[{i}]", c) for i, c in enumerate(agent.fallback_llms)]
+    return [("llm", agent.llm), *fallbacks]
+
+
+def build_llm(key: str, config: LLMConfig, source: str) -> LLM:
+    """One model client, or the configuration error naming ``source`` and ``key``
+    (a missing API key names the variable to set, a missing model file the file)."""
     try:
-        return create_llms([agent.llm, *agent.fallback_llms])
+        return create_llm(config)
     except (ValueError, LLMError, MissingExtraError) as exc:
-        raise AgentConfigError(f"agent {agent.name!r}: llm: {exc}") from exc
+        # The providers' messages name the primary's keys (llm.api_key); a fallback's
+        # are its own.
+        message = str(exc) if key == "llm" else str(exc).replace("llm.", f"{key}.")
+        raise AgentConfigError(f"{source}: {key}: {message}") from exc
+
+
+def _build_llm(agent: Agent) -> LLM:
+    """The agent's model client, behind a failover when it has fallbacks."""
+    llms = [build_llm(key, config, agent.source) for key, config in llm_entries(agent)]
+    return llms[0] if len(llms) == 1 else FailoverLLM(llms)
+
+
+def _said(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class AgentRuntime:
@@ -53,22 +77,27 @@ class AgentRuntime:
         llm: LLM | None = None,
         store: Store | None = None,
         observers: Observers | None = None,
+        *,
+        settings: ServerSettings | None = None,
+        recorder: CallRecorder | None = None,
     ) -> None:
+        """``settings``: the process's ``server:`` block, when it serves several
+        agents (default: this agent's own). ``recorder``: the process's call
+        records, which the app owns (it is one of ``observers``)."""
         self.agent = agent
-        settings = agent.server.store
+        self.settings = settings or agent.server
+        stored = self.settings.store
         self.backend: Store = store or open_store(
-            settings.redis_url,
-            prefix=settings.redis_prefix,
-            max_bytes=int(settings.max_memory_mb * 2**20),
+            stored.redis_url,
+            prefix=stored.redis_prefix,
+            max_bytes=int(stored.max_memory_mb * 2**20),
         )
         self._owns_store = store is None
-        self.store = GuardedStore(self.backend, ttl_s=settings.ttl_s, timeout_s=settings.timeout_s)
+        self.store = GuardedStore(self.backend, ttl_s=stored.ttl_s, timeout_s=stored.timeout_s)
         self.toolbox = Toolbox(agent.build_tools(), ResultStore(self.store))
         self.observers = observers or Observers()
-        self.recorder = open_recorder(agent.server.records)
+        self.recorder = recorder
         """The call records observer (None with ``server.records: false``)."""
-        if self.recorder is not None:
-            self.observers.observers.append(self.recorder)
         self._owns_llm = llm is None
         self.llm = llm if llm is not None else _build_llm(agent)
         self._ready = False
@@ -84,11 +113,18 @@ class AgentRuntime:
 
     async def start(self) -> LLM:
         """Check the store and load the model: a server that cannot serve calls
-        fails here, at start-up, not on its first call."""
-        await self.backend.ping()
-        if self.recorder is not None:
-            await self.recorder.start()
-        return await self.get_llm()
+        fails here, at start-up, not on its first call, with a
+        :class:`~callbrain.errors.StartupError` saying which of the two it was."""
+        where = self.agent.source
+        try:
+            await self.backend.ping()
+        except Exception as exc:
+            store = "server.store.redis_url" if self.settings.store.redis_url else "the store"
+            raise StartupError(f"{where}: {store} does not answer: {_said(exc)}") from exc
+        try:
+            return await self.get_llm()
+        except Exception as exc:
+            raise StartupError(f"{where}: the model did not start: {_said(exc)}") from exc
 
     async def get_llm(self) -> LLM:
         """The model, warmed up once (by the first caller; the others wait)."""
@@ -101,11 +137,14 @@ class AgentRuntime:
 
     def _typical_request(self) -> ChatRequest:
         """The agent's first turn as most calls will send it, for prefix caches."""
-        greeting, _ = render_template(self.agent.begin_message, self.agent.dynamic_variables)
+        variables = turn_variables(
+            call_variables(self.agent.dynamic_variables, "", None), None, self.agent.zone
+        )
+        greeting, _ = render_template(self.agent.begin_message, variables)
         request, _ = build_chat_request(
             system_prompt=self.agent.system_prompt,
             transcript=[Utterance(role="agent", content=greeting)] if greeting.strip() else [],
-            variables=self.agent.dynamic_variables,
+            variables=variables,
             max_messages=self.agent.max_history_messages,
             tools=[tool.spec for tool in self.toolbox.tools.values()],
         )
@@ -143,5 +182,3 @@ class AgentRuntime:
         await self.toolbox.aclose()
         if self._owns_store:
             await self.backend.aclose()
-        if self.recorder is not None:
-            await self.recorder.aclose()

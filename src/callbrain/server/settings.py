@@ -77,8 +77,10 @@ class WebhookSettings(_Settings):
     """The Retell API key with the "webhook" badge, which signs the events. None:
     ``POST /webhook`` is not served."""
     path: str = "/webhook"
+    """Where Retell POSTs the events (its agent's or account's webhook URL)."""
     handler: str | None = None
-    """``module:function`` called with each verified event (sync or async)."""
+    """``module:function`` called with each verified event (sync or async), looked up
+    beside the agent file first, then on the Python import path."""
     tolerance_s: float = Field(default=300.0, gt=0)
     """Events signed longer ago (or ahead) than this are refused as replays."""
     max_body_bytes: int = Field(default=8_000_000, ge=1024)
@@ -116,11 +118,19 @@ class StoreSettings(_Settings):
 
 
 class ServerSettings(_Settings):
+    """The whole process's settings: with several agent files in one server, the
+    first file's block applies and the others may only repeat it."""
+
     access: AccessSettings = Field(default_factory=AccessSettings)
+    """Who may open the call socket, and the limits on what they send."""
     store: StoreSettings = Field(default_factory=StoreSettings)
+    """Where calls' memories and side-effecting tools' results are kept."""
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    """Retell's call events, signed, at ``POST /webhook``."""
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    """``GET /metrics`` for Prometheus."""
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    """OpenTelemetry traces (the ``otel`` extra)."""
     records: RecordsSettings | bool = True
     """Every call and turn in a database (see docs/call-records.md): ``false``
     turns it off; ``true``, the default SQLite file; a mapping, the settings."""

@@ -49,7 +49,7 @@ from callbrain.server.access import RejectionLimiter
 from callbrain.server.handler_threads import HandlerThreads
 from callbrain.server.settings import WebhookSettings
 from callbrain.signing import retell_header_refusal, retell_refusal
-from callbrain.tools.function import ToolReferenceError, load_callable
+from callbrain.tools.references import ToolReferenceError, load_callable
 
 logger = logging.getLogger("callbrain.server.webhooks")
 
@@ -258,11 +258,11 @@ def webhook_routes(
     cannot take an event, or a handler without a key (it could never be called).
     """
     settings = agent.server.webhooks
-    where = f"agent {agent.name!r}: server.webhooks"
+    where = f"{agent.source}: server.webhooks"
     handler = on_webhook
     if handler is None and settings.handler is not None:
         try:
-            handler = load_callable(settings.handler)
+            handler = load_callable(settings.handler, folder=agent.folder)
         except ToolReferenceError as exc:
             # load_callable speaks of tools; this reference is a webhook handler.
             raise AgentConfigError(f"{where}.handler: {str(exc).removeprefix('tool ')}") from None

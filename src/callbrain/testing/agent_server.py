@@ -26,5 +26,9 @@ async def serve_agent(
     pass it to :meth:`callbrain.testing.RetellClient.connect`.
     """
     app = create_app(agent, prefix=prefix, llm=llm, on_call_start=on_call_start)
+    for runtime in app.state.runtimes:
+        # The store and the model, as `callbrain serve` starts them: a StartupError
+        # saying which, rather than uvicorn's traceback of a failed lifespan.
+        await runtime.start()
     async with serve_asgi(app, settings=agent.server) as http_url:
         yield "ws" + http_url.removeprefix("http") + "/" + prefix.strip("/")

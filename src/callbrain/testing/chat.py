@@ -25,7 +25,8 @@ from callbrain.testing.checker import RULES, ProtocolChecker
 from callbrain.testing.client import Frame, agent, user
 
 HELP = (
-    "Type what the caller says and press Enter; typing while the agent speaks interrupts it.",
+    "Type what the caller says and press Enter. Starting to type while the agent speaks "
+    "interrupts it, as speaking over it does on a call.",
     "/remind  stay silent: Retell asks the agent for a reminder",
     "/quit    hang up (Ctrl-D and Ctrl-C too)",
     "/help    this help",
@@ -253,10 +254,30 @@ class ChatCall:
         await self.connection.update(turntaking="agent_turn")
         return await self._request("reply")
 
+    async def barge_in(self) -> bool:
+        """The caller starts talking over the agent (a key pressed before Enter):
+        the reply is cut where it is, what was said of it joins the transcript,
+        and the server hears ``update_only`` with ``turntaking: user_turn``, as
+        from Retell when a caller speaks up. The words follow with :meth:`say`.
+        False when the agent was not speaking."""
+        if not self.speaking:
+            return False
+        self._interrupt_open_reply()
+        self._idle.set()  # what the caller hears of it is over
+        with contextlib.suppress(ConnectionClosed):
+            await self.connection.update(turntaking="user_turn")
+        return True
+
     @property
     def replying(self) -> bool:
         """The latest response (or the greeting) is still open."""
         return not self._idle.is_set() and not self.ended.is_set()
+
+    @property
+    def speaking(self) -> bool:
+        """A reply or an unprompted line is still open: the caller would talk over it."""
+        unprompted = any(not (r.complete or r.interrupted) for r in self._interrupts.values())
+        return self.replying or (unprompted and not self.ended.is_set())
 
     async def remind(self) -> int | None:
         """The caller stays silent. Retell asks for no reminder while a reply is open."""

@@ -1,8 +1,10 @@
 """``callbrain chat``: the terminal around :class:`~callbrain.testing.chat.ChatCall`.
 
 Two ways in. On a terminal, prompt_toolkit keeps the caller's half-typed line
-while the reply streams just above it. Piped, each line waits for the reply to
-finish before the next is sent, so a file of lines is a repeatable script.
+while the reply streams just above it, every row of it; the first key the caller
+presses while the agent speaks interrupts it (prompt_toolkit reports each key as
+the line changes), and Enter sends the words. Piped, each line waits for the
+reply to finish before the next is sent, so a file of lines is a repeatable script.
 """
 
 from __future__ import annotations
@@ -20,20 +22,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.text import Text
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import InvalidStatus, WebSocketException
 
-from callbrain.agent import Agent, AgentConfigError, example_agent_path
+from callbrain.agent import Agent, example_agent_path
 from callbrain.extras import missing_extra
-from callbrain.testing.agent_server import serve_agent
+from callbrain.server.app import DEFAULT_PREFIX, create_app
+from callbrain.startup import UsageError, fail, model_label, reporting
 from callbrain.testing.chat import ChatCall, ChatOutput, ConsoleOutput, lstrip
-from callbrain.testing.client import RetellClient, websocket_url
+from callbrain.testing.client import RetellClient, call_url, websocket_url
+from callbrain.testing.serve import serve_asgi
 
 REPLY_TIMEOUT_S = 60.0
 """Piped mode stops waiting for a reply after this long and sends the next line."""
-
-
-class _Usage(Exception):
-    """A wrong command line or agent file: exit 2."""
 
 
 class _Failed(Exception):
@@ -45,8 +45,8 @@ def chat_command(
         str | None,
         typer.Argument(
             metavar="URL",
-            help="Base WebSocket URL as configured in Retell (the call id is appended). "
-            "Default: start the agent here.",
+            help="WebSocket URL as configured in Retell (the call id is appended to its "
+            "path). Default: start the agent here.",
         ),
     ] = None,
     agent: Annotated[
@@ -64,43 +64,53 @@ def chat_command(
             help="Dynamic variable for call_details, key=value (repeatable).",
         ),
     ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of a start-up error.")
+    ] = False,
 ) -> None:
     """Talk to an agent as the caller, with this terminal playing Retell's side of the call."""
     status = Console(stderr=True, highlight=False)
-    try:
+    with reporting(debug):
         variables = dict(_variable(entry) for entry in var or [])
-        target = None if url is None else _websocket_url(url)
+        target = None if url is None else websocket_url(url)
         if target is not None and agent is not None:
-            raise _Usage(
+            raise UsageError(
                 "--agent starts an agent here; it cannot be combined with a URL "
                 "(the agent at the URL is already running)"
             )
-        code = asyncio.run(
-            _main(target, agent, call_id or f"chat_{secrets.token_hex(6)}", variables, status)
-        )
-    except _Usage as exc:
-        status.print(Text("error: ", style="red") + str(exc), soft_wrap=True)
-        raise typer.Exit(2) from None
-    except _Failed as exc:
-        status.print(Text("error: ", style="red") + str(exc), soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        code = 0  # Ctrl-C while piped: the socket was closed on the way out.
+        try:
+            code = asyncio.run(
+                _main(target, agent, call_id or f"chat_{secrets.token_hex(6)}", variables, status)
+            )
+        except _Failed as exc:
+            raise fail(str(exc), 1) from None
+        except KeyboardInterrupt:
+            code = 0  # Ctrl-C while piped: the socket was closed on the way out.
     raise typer.Exit(code)
 
 
 def _variable(entry: str) -> tuple[str, str]:
     key, sep, value = entry.partition("=")
     if not sep or not key.strip():
-        raise _Usage(f"--var expects key=value, got {entry!r}")
+        raise UsageError(f"--var expects key=value, got {entry!r}")
     return key.strip(), value
 
 
-def _websocket_url(url: str) -> str:
-    try:
-        return websocket_url(url)
-    except ValueError as exc:
-        raise _Usage(str(exc)) from None
+def refusal_message(url: str, status: int) -> str:
+    """What a refused handshake means, by its HTTP status (see :mod:`callbrain.server.access`)."""
+    if status == 404:
+        return (
+            f"{url}: no call socket at this path (HTTP 404). Check the path: callbrain "
+            "serves /llm-websocket (or its --prefix), and /llm-websocket/agent/<name> for "
+            "each of several agents; leave the call id out, it is appended for you"
+        )
+    if status == 403:
+        return (
+            f"{url}: the server refused the call (HTTP 403): a missing or wrong secret "
+            "(in the path, .../llm-websocket/<secret>, or as ?token=<secret>), an address "
+            "not in allow_ips, or a server that is full or shutting down; its log says which"
+        )
+    return f"{url}: the server answered HTTP {status} instead of opening a WebSocket"
 
 
 async def _main(
@@ -113,15 +123,16 @@ async def _main(
     async with contextlib.AsyncExitStack() as stack:
         if url is None:
             url = await stack.enter_async_context(_local_agent(agent_file, status))
+        target = call_url(url, call_id)
         try:
             client = await stack.enter_async_context(RetellClient.connect(url, call_id))
+        except InvalidStatus as exc:
+            raise _Failed(refusal_message(target, exc.response.status_code)) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
-            raise _Failed(
-                f"cannot connect to {url}/{call_id}: {str(exc) or type(exc).__name__}"
-            ) from None
+            raise _Failed(f"cannot connect to {target}: {str(exc) or type(exc).__name__}") from None
         interactive = sys.stdin.isatty() and sys.stdout.isatty()
         status.print(
-            f"Connected to {url}/{call_id}. You are the caller: type what you say"
+            f"Connected to {target}. You are the caller: type what you say"
             + ("; /help for commands." if interactive else "."),
             style="dim",
             soft_wrap=True,
@@ -140,29 +151,21 @@ async def _main(
 @contextlib.asynccontextmanager
 async def _local_agent(agent_file: Path | None, status: Console) -> AsyncIterator[str]:
     path = agent_file or example_agent_path()
-    try:
-        definition = Agent.from_yaml(path)
-    except AgentConfigError as exc:
-        raise _Usage(str(exc)) from None
-    llm = definition.llm
-    model = getattr(llm, "model", None) or getattr(llm, "model_path", None) or "SmolLM2-135M"
+    definition = Agent.from_yaml(path)
+    # Built first: a bad tool, key or model file is one line before anything else.
+    app = create_app(definition)
     status.print(
         Text.assemble(
             "Starting agent ",
             (definition.name, "cyan"),
-            f" ({llm.provider}: {model}) from {path} on this machine...",
+            f" ({model_label(definition.llm)}) from {path} on this machine...",
         ),
         soft_wrap=True,
     )
-    try:
-        async with serve_agent(definition) as url:
-            yield url
-    except AgentConfigError as exc:  # a tool that does not import
-        raise _Usage(str(exc)) from None
-    except RuntimeError as exc:
-        if "failed to start" not in str(exc):
-            raise
-        raise _Failed(f"the agent could not start: {exc}") from None
+    for runtime in app.state.runtimes:
+        await runtime.start()  # the store and the model: a StartupError, not a traceback
+    async with serve_asgi(app, settings=definition.server) as http:
+        yield "ws" + http.removeprefix("http") + DEFAULT_PREFIX
 
 
 async def _run_piped(chat: ChatCall) -> int:
@@ -205,11 +208,19 @@ async def _next(lines: asyncio.Queue[str | None], ended: asyncio.Event) -> str |
 
 class _PromptOutput:
     """Open lines live in the prompt, just above what the caller is typing, until they
-    end; then they print above it for good (through patch_stdout)."""
+    end; then they print above it for good (through patch_stdout).
 
-    def __init__(self, console: Console, invalidate: Callable[[], None]) -> None:
+    prompt_toolkit shows the lines of a prompt above its last one without
+    wrapping them, so a long reply would show its first row only until it
+    completed: they are wrapped here, at the terminal's width at each redraw.
+    """
+
+    def __init__(
+        self, console: Console, invalidate: Callable[[], None], width: Callable[[], int]
+    ) -> None:
         self.console = console
         self._invalidate = invalidate
+        self._width = width
         self._open: dict[str, Text] = {}
         self._render = Console(file=io.StringIO(), force_terminal=True, highlight=False)
 
@@ -230,10 +241,11 @@ class _PromptOutput:
         self.console.print(text, soft_wrap=True)
 
     def message(self) -> str:
-        """The prompt: any open lines, then the caller's own, as ANSI text."""
+        """The prompt: any open lines, wrapped into rows, then the caller's own, as ANSI."""
+        self._render.width = max(20, self._width())
         with self._render.capture() as captured:
             for line in self._open.values():
-                self._render.print(line, soft_wrap=True)
+                self._render.print(line)
             self._render.print(Text("you: ", style="bold green"), end="")
         return captured.get()
 
@@ -242,6 +254,7 @@ async def _run_prompt(make_chat: Callable[[ChatOutput], ChatCall]) -> int:
     # Imported here: prompt_toolkit costs every other callbrain command ~0.2 s to import.
     try:
         from prompt_toolkit import PromptSession
+        from prompt_toolkit.buffer import Buffer
         from prompt_toolkit.formatted_text import ANSI
         from prompt_toolkit.patch_stdout import patch_stdout
     except ImportError as exc:
@@ -250,6 +263,16 @@ async def _run_prompt(make_chat: Callable[[ChatOutput], ChatCall]) -> int:
     # erase_when_done: the core echoes the caller's line itself, after marking the
     # reply it cut into as interrupted, so the scrollback reads in spoken order.
     session: PromptSession[str] = PromptSession(erase_when_done=True)
+    barging: set[asyncio.Task[bool]] = set()
+
+    def on_typing(buffer: Buffer) -> None:
+        # The first key of a line (not a /command) while the agent speaks barges in,
+        # as a caller who starts talking does; Enter then sends the words.
+        text = buffer.text.lstrip()
+        if text and not text.startswith("/"):
+            task = asyncio.ensure_future(chat.barge_in())
+            barging.add(task)
+            task.add_done_callback(barging.discard)
 
     async def ask(message: Callable[[], ANSI]) -> str | None:
         # Caught in here: a task that ends in KeyboardInterrupt takes the event loop down.
@@ -259,8 +282,13 @@ async def _run_prompt(make_chat: Callable[[ChatOutput], ChatCall]) -> int:
             return None
 
     with patch_stdout(raw=True):
-        output = _PromptOutput(Console(highlight=False), session.app.invalidate)
+        output = _PromptOutput(
+            Console(highlight=False),
+            session.app.invalidate,
+            lambda: session.app.output.get_size().columns,
+        )
         chat = make_chat(output)
+        session.default_buffer.on_text_changed += on_typing
         chat.start()
         try:
             while not chat.ended.is_set():

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -47,6 +48,14 @@ def websocket_url(url: str) -> str:
     if url.startswith(("ws://", "wss://")):
         return url
     raise ValueError(f"the URL must start with ws://, wss://, http:// or https://, got {url!r}")
+
+
+def call_url(base_url: str, call_id: str) -> str:
+    """Where Retell connects for ``call_id`` given the URL configured in it: the
+    call id appended to the path, a query string (``?token=...``) kept after it."""
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/") + "/" + quote(call_id, safe="")
+    return urlunsplit(parts._replace(path=path))
 
 
 def user(text: str) -> Frame:
@@ -118,12 +127,13 @@ class RetellClient:
         ping_interval: float | None = None,
         keep_sent: bool = True,
     ) -> AsyncIterator[RetellClient]:
-        """Connect to ``{base_url}/{call_id}`` as Retell does (it appends the call id).
+        """Connect to ``{base_url}/{call_id}`` as Retell does (it appends the call id
+        to the path; a query string stays at the end, see :func:`call_url`).
 
         ``ping_interval`` (Retell uses 2 s when ``auto_reconnect`` is on) sends
         ``ping_pong`` in the background; the checker reports late echoes.
         """
-        url = base_url.rstrip("/") + "/" + call_id
+        url = call_url(base_url, call_id)
         async with connect(url, open_timeout=open_timeout, max_size=None) as ws:
             client = cls(ws, keep_sent=keep_sent)
             if ping_interval is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
-from callbrain.server.process import uvicorn_config
+from callbrain.server.process import listening_socket, uvicorn_config
 from callbrain.server.settings import ServerSettings
 
 
@@ -43,12 +43,7 @@ async def serve_asgi(
     uvicorn runs with the settings ``callbrain serve`` uses
     (:func:`~callbrain.server.process.uvicorn_config`), quieter and quicker to stop.
     """
-    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on
-    # sockets whose proto says TCP. Without it each streamed chunk on a reused
-    # keep-alive connection waited ~40 ms for the client's delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listening_socket(host, port)
     bound_port = sock.getsockname()[1]
     options: dict[str, Any] = {
         "log_level": "warning",

@@ -18,12 +18,14 @@ Every entry has a ``type``::
 
 Declarations are checked when the agent is loaded (unknown keys, bad numbers);
 references to code are imported when the server starts, so a typo fails the
-start-up, not a live call.
+start-up, not a live call. A ``module:function`` reference is looked up beside
+the agent file first, then on the Python import path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -59,20 +61,29 @@ class _Settings(BaseModel):
 
 class PythonToolConfig(_Settings):
     type: Literal["python"]
+    """A Python function, sync or async."""
     function: str = Field(pattern=r"^[\w.]+:[\w.]+$")
-    """``package.module:function``; the function's signature and docstring give the schema."""
+    """``package.module:function``, looked up beside the agent file first, then on the
+    Python import path; the function's signature and docstring give the schema."""
     name: str | None = None
+    """The name the model calls it by; default: the function's."""
     description: str | None = None
+    """What the model is told it does; default: the docstring's summary."""
 
 
 class HttpToolConfig(_Settings):
     type: Literal["http"]
+    """A webhook: the arguments are POSTed as JSON; the response body is the result."""
     name: str
+    """The name the model calls it by."""
     description: str
+    """What the model is told it does."""
     url: str = Field(pattern=r"^https?://")
+    """Where the arguments are POSTed."""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     """JSON schema of the arguments the model must send."""
     headers: dict[str, str] = Field(default_factory=dict)
+    """Sent with every request (``${ENV}`` for tokens)."""
     secret: str | None = None
     """Signs each request so the receiver can tell it came from this agent."""
 
@@ -81,8 +92,11 @@ class EndCallConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["end_call"]
+    """Hang up, after the turn's words have been spoken."""
     name: str = "end_call"
+    """The name the model calls it by."""
     description: str | None = None
+    """What the model is told it does; a sensible default when left out."""
     message: str = "Thanks for calling. Goodbye!"
     """Said before hanging up when the model has not said goodbye itself."""
 
@@ -91,22 +105,32 @@ class TransferCallConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["transfer_call"]
+    """Cold-transfer the call to a phone number."""
     number: str = Field(pattern=E164.pattern)
     """E.164, e.g. ``+14155550100`` (Retell transfers to Retell or imported numbers only)."""
     name: str = "transfer_call"
+    """The name the model calls it by."""
     description: str | None = None
+    """What the model is told it does; a sensible default when left out."""
     message: str = "Let me transfer you now."
+    """Said before the transfer when the model has said nothing itself."""
     show_transferee_as_caller: bool = False
+    """The person transferred to sees the caller's number instead of the agent's."""
     no_interruption_allowed: bool = True
+    """The caller cannot talk over the transfer line."""
 
 
 class PressDigitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["press_digit"]
+    """Press DTMF digits (to get through a phone menu)."""
     name: str = "press_digit"
+    """The name the model calls it by."""
     description: str | None = None
+    """What the model is told it does; a sensible default when left out."""
     message: str = ""
+    """Said before the digits are pressed."""
 
 
 ToolConfig = Annotated[
@@ -115,14 +139,17 @@ ToolConfig = Annotated[
 ]
 
 
-def build_tool(config: ToolConfig) -> Tool:
-    """The :class:`Tool` a declaration describes (imports Python references)."""
+def build_tool(config: ToolConfig, *, folder: Path | None = None) -> Tool:
+    """The :class:`Tool` a declaration describes (imports Python references,
+    looked up in ``folder``, the agent file's, first)."""
     if isinstance(config, PythonToolConfig):
         from callbrain.tools.function import function_tool_from_ref
 
         named = {"name": config.name, "description": config.description}
         overrides = {k: v for k, v in named.items() if v is not None}
-        return function_tool_from_ref(config.function, **overrides, **config.overrides())
+        return function_tool_from_ref(
+            config.function, folder=folder, **overrides, **config.overrides()
+        )
     if isinstance(config, HttpToolConfig):
         from callbrain.tools.http import HttpTool
 
@@ -153,8 +180,11 @@ def build_tool(config: ToolConfig) -> Tool:
 _CONFIG: TypeAdapter[ToolConfig] = TypeAdapter(ToolConfig)
 
 
-def build_tools(entries: Sequence[ToolConfig | Tool | Mapping[str, Any]]) -> dict[str, Tool]:
+def build_tools(
+    entries: Sequence[ToolConfig | Tool | Mapping[str, Any]], *, folder: Path | None = None
+) -> dict[str, Tool]:
     """Every tool by name; a name used twice is an error (the model could not tell them apart).
+    Python references are looked up in ``folder`` (the agent file's) first.
 
     Plain mappings are validated here too: ``Agent.model_copy(update=...)`` does
     not validate, so a declaration can arrive as the dict it was written as.
@@ -167,7 +197,7 @@ def build_tools(entries: Sequence[ToolConfig | Tool | Mapping[str, Any]]) -> dic
             except ValidationError as exc:
                 problems = describe(exc, PythonToolConfig)
                 raise ValueError(f"invalid tool declaration {dict(entry)!r}: {problems}") from None
-        tool = entry if isinstance(entry, Tool) else build_tool(entry)
+        tool = entry if isinstance(entry, Tool) else build_tool(entry, folder=folder)
         if tool.name in tools:
             raise ValueError(f"two tools are named {tool.name!r}; tool names must be unique")
         tools[tool.name] = tool

@@ -18,7 +18,9 @@ filled in at run time and hidden from the model. Sync functions run in a worker
 thread: a slow database call must not freeze every other call on the server.
 
 Agent YAML refers to functions as ``"package.module:function"``;
-:func:`function_tool_from_ref` loads one and applies the YAML's settings.
+:func:`function_tool_from_ref` loads one and applies the YAML's settings. The
+module is looked up beside the agent file first, then on the normal import path
+(:mod:`callbrain.tools.references`), so a ``tools.py`` next to ``agent.yaml`` just works.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-import importlib
 import inspect
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Generic, ParamSpec, TypeVar, overload
 
 import docstring_parser
@@ -41,6 +43,18 @@ from pydantic.errors import PydanticUserError
 from callbrain import errors
 from callbrain.tools.arguments import arguments_error
 from callbrain.tools.base import DEFAULT_TIMEOUT_S, Tool, ToolContext
+from callbrain.tools.references import ToolReferenceError, load_callable, resolve
+
+__all__ = [
+    "SETTINGS",
+    "FunctionTool",
+    "ToolReferenceError",
+    "function_tool_from_ref",
+    "load_callable",
+    "portable_schema",
+    "tool",
+    "with_settings",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,10 +62,6 @@ T = TypeVar("T", bound=Tool)
 
 SETTINGS = ("name", "description", "timeout_s", "side_effects", "holding_message", "instant")
 """The tool settings agent YAML may override."""
-
-
-class ToolReferenceError(ValueError):
-    """A ``"package.module:function"`` reference that does not lead to a callable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,47 +322,15 @@ def _strip_titles(node: Any) -> Any:
     return stripped
 
 
-def load_callable(ref: str) -> Callable[..., Any]:
-    """Import ``"package.module:function"`` (or ``module:Class.method``) and return it."""
-    obj = _load(ref)
-    if not callable(obj):
-        raise ToolReferenceError(f"tool reference {ref!r}: a {type(obj).__name__}, not a function")
-    return typing.cast(Callable[..., Any], obj)
-
-
-def _load(ref: str) -> Any:
-    module_name, sep, attribute = ref.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ToolReferenceError(f"tool reference {ref!r}: expected 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise ToolReferenceError(
-                f"tool reference {ref!r}: no module named {module_name!r}"
-            ) from exc
-        raise ToolReferenceError(f"tool reference {ref!r}: importing it failed: {exc}") from exc
-    except Exception as exc:
-        raise ToolReferenceError(
-            f"tool reference {ref!r}: importing it failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    for part in attribute.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ToolReferenceError(
-                f"tool reference {ref!r}: {module_name!r} has no attribute {attribute!r}"
-            ) from None
-    return obj
-
-
-def function_tool_from_ref(ref: str, **overrides: Any) -> Tool:
-    """The tool behind ``ref``: a decorated tool gets ``overrides`` on a copy,
-    a plain function is wrapped as ``@tool(**overrides)`` would."""
+def function_tool_from_ref(ref: str, *, folder: Path | None = None, **overrides: Any) -> Tool:
+    """The tool behind ``ref`` (looked up in ``folder`` first, see
+    :func:`~callbrain.tools.references.import_agent_module`):
+    a decorated tool gets ``overrides`` on a copy, a plain function is wrapped
+    as ``@tool(**overrides)`` would."""
     unknown = set(overrides) - set(SETTINGS)
     if unknown:
         raise TypeError(f"tool {ref!r}: unknown settings {sorted(unknown)}; known: {SETTINGS}")
-    obj = _load(ref)
+    obj = resolve(ref, folder)
     if isinstance(obj, Tool):
         return with_settings(obj, **overrides)
     if not callable(obj):

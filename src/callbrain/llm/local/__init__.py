@@ -85,7 +85,12 @@ class LocalLLM(LLM):
     def __init__(self, config: LocalConfig) -> None:
         path = Path(config.model_path).expanduser() if config.model_path else default_model_path()
         if not path.is_file():
-            raise LLMError(f"local: model file not found: {path}", provider=PROVIDER)
+            raise LLMError(
+                f"local: model file not found: {path} (download a GGUF model, e.g. from "
+                "huggingface.co, and set llm.model_path to its file; or leave model_path "
+                "out for the shipped SmolLM2-135M)",
+                provider=PROVIDER,
+            )
         super().__init__(
             model=path.name,
             first_token_timeout=config.first_token_timeout_s,
