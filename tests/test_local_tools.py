@@ -452,15 +452,15 @@ async def test_text_cut_by_max_tokens_ends_at_its_last_whole_sentence() -> None:
 
 async def test_a_cut_reply_keeps_its_whole_tool_calls_and_says_the_text_first() -> None:
     request = ChatRequest(SYSTEM, (Message("user", "Book Monday."),), TOOLS)
-    chunks = [
-        *text_chunks("One moment.", " I will book"),
-        fragment(0, id="a", name="book_visit", args='{"day": "Monday"}'),
-        *finish("length"),
-    ]
+    call = fragment(0, id="a", name="book_visit", args='{"day": "Monday"}')
+    chunks = [*text_chunks("One moment.", " I will book"), call, *finish("length")]
     out = await replay(chunks, request)
 
     assert [type(c) for c in out] == [TextDelta, ToolCall, Usage]
     assert spoken(out) == "One moment."
+    # No whole sentence at all, but a whole call: the call is what matters.
+    out = await replay([*text_chunks("I will book"), call, *finish("length")], request)
+    assert [type(c) for c in out] == [ToolCall, Usage]
 
 
 async def test_a_reply_without_one_whole_sentence_before_max_tokens_is_an_error() -> None:

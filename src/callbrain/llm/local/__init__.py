@@ -20,7 +20,22 @@ Limits worth knowing before pointing a phone line at it:
   machines.
 * **The default model is weak.** 135M parameters is enough to prove the
   pipeline offline, not to run a real receptionist. It is the offline default,
-  not the recommended brain: point ``model_path`` at a stronger GGUF.
+  not the recommended brain: point ``model_path`` at a stronger GGUF. What
+  keeps it sensible (measured on the shipped clinic agent): worked
+  ``examples`` sent as earlier turns of the call (it copies them; the same
+  examples inside the system prompt did little), short facts it can repeat, a
+  mild ``repeat_penalty`` and greedy decoding. Without them it loops, drifts
+  into other personas, and copies its previous answer to every new question.
+* **Whole sentences.** A reply that runs into ``max_tokens`` stops mid-word;
+  with ``whole_sentences`` (the default) text is passed on a sentence at a
+  time and an unfinished last sentence is dropped (:mod:`.sentences`). This
+  backend is where that rule lives because only it knows why the text
+  stopped (llama.cpp's ``finish_reason``). The cost: the first words wait for
+  the first sentence to be written.
+* **Reproducibility.** At ``temperature`` 0, or with a ``seed``, the same
+  requests in the same order get the same replies; but a prompt served from
+  llama.cpp's prefix cache can come out differently from the same prompt
+  prefilled cold (measured: a near tie went the other way).
 * **Tool calls work only where the model's chat template does them.**
   llama.cpp renders the tools with the GGUF's own jinja template (``use_jinja``:
   without it, a request with tools is refused), works out that template's call
@@ -62,7 +77,14 @@ from pathlib import Path
 from typing import Any
 
 from callbrain.llm.base import LLM, LLMError
-from callbrain.llm.chat import ChatChunk, ChatRequest, Message, TextDelta, keep_newest
+from callbrain.llm.chat import (
+    ChatChunk,
+    ChatRequest,
+    Message,
+    TextDelta,
+    ToolCall,
+    keep_newest,
+)
 from callbrain.llm.config import LocalConfig
 from callbrain.llm.local.bridge import ContextOverflowError, error_from_llama, stream_completion
 from callbrain.llm.local.loader import PROVIDER, default_model_path, default_threads, load_server
@@ -119,12 +141,13 @@ def _finish_reason(chunk: dict[str, Any]) -> str | None:
     return None
 
 
-def _report_cut(gate: SentenceGate, max_tokens: object) -> None:
+def _report_cut(gate: SentenceGate, max_tokens: int | None, *, called: bool) -> None:
     """max_tokens cut the reply: its unfinished sentence was left unsaid."""
-    if gate.released.strip():
+    if gate.released.strip() or called:
         logger.debug("local: max_tokens cut the reply; left unsaid: %r", gate.dropped)
         return
-    # Not one whole sentence: say none of it, and let the turn apologise.
+    # Not one whole sentence and nothing done: say none of it, and let the
+    # turn apologise (the one place that decides the fallback line).
     raise LLMError(
         f"local: the reply reached max_tokens ({max_tokens}) before its first sentence "
         f"ended ({gate.dropped[:60]!r}...); raise llm.max_tokens",
@@ -300,7 +323,7 @@ class LocalLLM(LLM):
         body = self._body(request)
         reader = ChunkReader(request, provider=PROVIDER)
         gate = SentenceGate() if self.config.whole_sentences else None
-        cut = False
+        cut = called = False
         server = await self._ensure_server()
         async for item in stream_completion(self._executor, server, body, on_busy=self._busy):
             cut = cut or _finish_reason(item) == "length"
@@ -314,6 +337,7 @@ class LocalLLM(LLM):
                     # Calls and usage come once the text is over: say the rest first.
                     if rest := gate.finish(cut=cut):
                         yield TextDelta(rest)
+                    called = called or isinstance(chunk, ToolCall)
                     yield chunk
         if not reader.finished:
             # xllamacpp stops silently if a chunk fails to parse or our
@@ -323,7 +347,7 @@ class LocalLLM(LLM):
             if rest := gate.finish(cut=cut):
                 yield TextDelta(rest)
             if gate.dropped:
-                _report_cut(gate, body.get("max_tokens"))
+                _report_cut(gate, self.config.max_tokens, called=called)
 
     def _busy(self, change: int) -> None:
         with self._lock:
