@@ -236,8 +236,8 @@ def judge(runner: ScenarioRunner, result: ScenarioResult) -> None:
     if scenario.greeting is not None:
         greeting_frames = [f for _, f in frames if _is_response(f, 0)]
         _check(scenario.greeting, "greeting", greeting_frames, checker.begin.text, result)
-    if scenario.greeting is not None and scenario.greeting.ends_sentence:
-        _check_sentence_end("greeting", checker.begin.text, result)
+        if scenario.greeting.ends_sentence:
+            _check_sentence_end("greeting", checker.begin.text, result)
     previous = checker.begin.text
     for n, run in enumerate(runner.runs):
         turn = checker.turns.get(run.response_id)
@@ -315,7 +315,7 @@ def _check_reply(
 ) -> None:
     if expect.ends_sentence:
         _check_sentence_end(where, reply, result)
-    if expect.differs_from_previous and _same_words(reply, previous):
+    if expect.differs_from_previous and _normalized(reply) == _normalized(previous):
         result.failures.append(f"{where}: said its previous reply again ({_clip(reply)!r})")
 
 
@@ -323,16 +323,16 @@ def _check_call_replies(expect: Expect, runner: ScenarioRunner, result: Scenario
     """The whole call's ``ends_sentence`` and ``distinct_replies``, over every
     reply that ran its course (a reply the caller talked over is cut by design)."""
     checker = runner.call.checker
-    replies = [("greeting", checker.begin)] if checker.begin.completes else []
-    replies += [(run.label, checker.turns[run.response_id]) for run in runner.runs]
-    finished = [(label, turn.text) for label, turn in replies if turn.completes]
+    replies: list[tuple[str, TurnRecord | None]] = [("greeting", checker.begin)]
+    replies += [(run.label, checker.turns.get(run.response_id)) for run in runner.runs]
+    finished = [(label, turn.text) for label, turn in replies if turn and turn.completes]
     if expect.ends_sentence:
         for label, text in finished:
             _check_sentence_end(f"call: {label}", text, result)
     if expect.distinct_replies:
         first_said: dict[str, str] = {}
         for label, text in finished:
-            key = " ".join(text.lower().split())
+            key = _normalized(text)
             if key in first_said:
                 result.failures.append(
                     f"call: {label}: said the same as {first_said[key]} ({_clip(text)!r})"
@@ -348,9 +348,9 @@ def _check_sentence_end(where: str, text: str, result: ScenarioResult) -> None:
         result.failures.append(f"{where}: stopped mid-sentence (...{text.rstrip()[-60:]!r})")
 
 
-def _same_words(a: str, b: str) -> bool:
-    """The same text but for case and spacing."""
-    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+def _normalized(text: str) -> str:
+    """What two replies must share to count as the same: all but case and spacing."""
+    return " ".join(text.lower().split())
 
 
 def _invocation(frame: Frame) -> tuple[str, dict[str, Any]]:
