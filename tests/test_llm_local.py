@@ -412,12 +412,12 @@ async def test_a_seed_makes_sampling_repeatable(llm: LocalLLM) -> None:
     assert other != first
 
 
-async def test_top_k_1_and_min_p_1_leave_only_the_likeliest_token(llm: LocalLLM) -> None:
+async def test_top_k_min_p_and_top_p_can_leave_only_the_likeliest_token(llm: LocalLLM) -> None:
     await reply(llm)
     greedy = await reply(llm, temperature=0)
     hot = {"temperature": 1.0}
     assert await reply(llm, **hot, seed=5) != greedy  # what the lines below rule out
-    for narrow in ({"top_k": 1}, {"min_p": 1.0}):
+    for narrow in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 0.01}):
         for seed in (5, 6):
             assert await reply(llm, **hot, **narrow, seed=seed) == greedy, narrow
 
