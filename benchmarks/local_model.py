@@ -12,6 +12,9 @@ prints one JSON object:
 * ``ttft_s``: p50/p95 over ``--runs`` turns whose system prompt and earlier turns
   are already in the slot's prompt cache, as they are on every later turn of a
   live call (each run changes the last user message, so that part is prefilled);
+* ``first_sentence_s``: p50/p95 over the same turns of the wait for the first
+  whole sentence, which is when the backend passes the first words on with
+  ``whole_sentences`` (the default; this benchmark turns it off to time tokens);
 * ``decode_tokens_per_s``: tokens after the first, per second of streaming.
 """
 
@@ -28,6 +31,7 @@ from typing import Any
 
 from callbrain.llm import ChatRequest, LocalConfig, Message, TextDelta, Usage
 from callbrain.llm.local import LocalLLM, default_threads
+from callbrain.llm.local.sentences import sentence_end
 
 SYSTEM = """\
 You are Sam, the phone receptionist at Bright Smile Dental, 42 Harbour Street, Portsmouth.
@@ -77,20 +81,26 @@ def percentile(values: list[float], q: float) -> float:
 
 async def one_turn(llm: LocalLLM, req: ChatRequest) -> dict[str, Any]:
     started = time.perf_counter()
-    first = last = None
+    first = last = sentence = None
     usage = None
+    text = ""
     async with llm.chat(req) as stream:
         async for chunk in stream:
             if isinstance(chunk, TextDelta):
                 last = time.perf_counter()
                 if first is None:
                     first = last
+                text += chunk.text
+                if sentence is None and sentence_end(text):
+                    sentence = last
             elif isinstance(chunk, Usage):
                 usage = chunk
     assert first is not None and last is not None and usage is not None, "empty reply"
     decoding = last - first
     return {
         "ttft_s": first - started,
+        # A reply that is one sentence is only known to be whole at its end.
+        "first_sentence_s": (sentence or last) - started,
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "decode_tps": (usage.output_tokens - 1) / decoding if decoding > 0 else None,
@@ -104,6 +114,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         n_threads=args.threads,
         temperature=0,
         max_tokens=args.max_tokens,
+        whole_sentences=False,
     )
     llm = LocalLLM(config)
     try:
@@ -120,6 +131,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await llm.aclose()
 
     ttfts = [r["ttft_s"] for r in warm]
+    sentences = [r["first_sentence_s"] for r in warm]
     rates = [r["decode_tps"] for r in (cold, *warm) if r["decode_tps"]]
     return {
         "model": llm.model,
@@ -134,6 +146,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_s": {
             "p50": round(percentile(ttfts, 50), 3),
             "p95": round(percentile(ttfts, 95), 3),
+        },
+        "first_sentence_s": {
+            "p50": round(percentile(sentences, 50), 3),
+            "p95": round(percentile(sentences, 95), 3),
         },
         "decode_tokens_per_s": {
             "p50": round(percentile(rates, 50), 1),

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import xllamacpp as xlc
+from pydantic import ValidationError
 
 from callbrain.llm import (
     ChatChunk,
@@ -27,7 +28,9 @@ from callbrain.llm import (
     TextDelta,
     Usage,
 )
+from callbrain.llm.config import LocalExample
 from callbrain.llm.local import ContextOverflowError, LocalLLM, default_model_path, loader
+from callbrain.llm.local.sentences import SentenceGate, ends_sentence, sentence_end
 
 REQUEST = ChatRequest(
     system="You are the receptionist at Bright Smile Dental. Answer in one short sentence.",
@@ -51,10 +54,48 @@ def llm() -> Iterator[LocalLLM]:
             n_threads=1,
             temperature=0,
             max_tokens=MAX_TOKENS,
+            # These tests are about streaming itself: every token as it comes.
+            whole_sentences=False,
         )
     )
     yield model
     asyncio.run(model.aclose())
+
+
+SAMPLING: dict[str, Any] = {
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "top_k": 20,
+    "min_p": 0.1,
+    "repeat_penalty": 1.2,
+    "repeat_last_n": 128,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.25,
+    "seed": 7,
+    "max_tokens": 7,
+}
+
+
+@contextlib.contextmanager
+def settings(llm: LocalLLM, **changes: Any) -> Iterator[None]:
+    """Run with some settings changed (the body is built from ``llm.config`` per request)."""
+    saved = llm.config
+    llm.config = saved.model_copy(update=changes)
+    try:
+        yield
+    finally:
+        llm.config = saved
+
+
+async def reply(llm: LocalLLM, **changes: Any) -> str:
+    """The reply to REQUEST with ``changes`` to the settings.
+
+    Compare replies only once the prompt is in llama.cpp's prefix cache (after
+    one reply to it): the first, prefilled cold, can differ in a near tie
+    (measured), since the cached path computes the last token differently.
+    """
+    with settings(llm, **changes):
+        return text_of(await collect(llm))
 
 
 def never_stop(monkeypatch: pytest.MonkeyPatch, llm: LocalLLM, max_tokens: int) -> None:
@@ -181,7 +222,14 @@ async def test_concurrent_first_calls_load_the_model_once_off_the_loop(
 
     monkeypatch.setattr(xlc, "Server", counting_server)
     fresh = LocalLLM(
-        LocalConfig(provider="local", n_ctx=512, n_parallel=1, n_threads=1, max_tokens=4)
+        LocalConfig(
+            provider="local",
+            n_ctx=512,
+            n_parallel=1,
+            n_threads=1,
+            max_tokens=4,
+            whole_sentences=False,
+        )
     )
     try:
         _, a, b = await asyncio.gather(fresh.warmup(), collect(fresh), collect(fresh))
@@ -206,7 +254,14 @@ async def test_one_message_longer_than_the_context_is_an_llm_error(llm: LocalLLM
 async def test_a_long_call_drops_its_oldest_turns_to_fit(caplog: pytest.LogCaptureFixture) -> None:
     # A small context keeps this fast: ~600 tokens of earlier turns in a 256-token slot.
     small = LocalLLM(
-        LocalConfig(provider="local", n_ctx=256, n_parallel=1, n_threads=1, max_tokens=4)
+        LocalConfig(
+            provider="local",
+            n_ctx=256,
+            n_parallel=1,
+            n_threads=1,
+            max_tokens=4,
+            whole_sentences=False,
+        )
     )
     history = tuple(
         Message("user" if i % 2 == 0 else "assistant", f"Turn {i}: fine, thanks, noted.")
@@ -224,21 +279,168 @@ async def test_a_long_call_drops_its_oldest_turns_to_fit(caplog: pytest.LogCaptu
 
 
 def test_request_body_maps_roles_and_sets_only_given_sampling() -> None:
-    plain = LocalLLM(LocalConfig(provider="local", max_tokens=None))
-    tuned = LocalLLM(LocalConfig(provider="local", temperature=0.2, top_p=0.9, max_tokens=7))
+    plain = LocalLLM(
+        LocalConfig(provider="local", temperature=None, repeat_penalty=None, max_tokens=None)
+    )
+    tuned = LocalLLM(LocalConfig(provider="local", **SAMPLING, stop=["\n", "Caller:"]))
 
     body = plain._body(REQUEST)
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
     assert body["messages"][0]["content"] == REQUEST.system
     assert body["messages"][3]["content"] == "Tuesday morning, please."
-    assert not {"temperature", "top_p", "max_tokens"} & body.keys()
+    assert not {*SAMPLING, "stop"} & body.keys()  # llama.cpp's own defaults apply
     assert body["stream"] is True
 
     body = tuned._body(ChatRequest(system="", messages=REQUEST.messages[:1]))
     assert [m["role"] for m in body["messages"]] == ["user"]
-    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.2, 0.9, 7)
+    assert {key: body[key] for key in SAMPLING} == SAMPLING
+    assert body["stop"] == ["\n", "Caller:"]
     for model in (plain, tuned):
         asyncio.run(model.aclose())
+
+
+def test_the_defaults_turn_on_a_repeat_penalty_and_a_calm_temperature() -> None:
+    model = LocalLLM(LocalConfig(provider="local"))
+    body = model._body(REQUEST)
+    assert (body["repeat_penalty"], body["temperature"], body["max_tokens"]) == (1.1, 0.3, 80)
+    asyncio.run(model.aclose())
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ({"repeat_penalty": 0.5}, "greater than or equal to 1"),
+        ({"repeat_last_n": -1}, "greater than or equal to 0"),  # llama.cpp rejects -1 too
+        ({"seed": -1}, "greater than or equal to 0"),
+        ({"min_p": 1.5}, "less than or equal to 1"),
+        ({"stop": [""]}, "at least 1 character"),
+        ({"mirostat": 2}, "Extra inputs are not permitted"),  # llama.cpp would ignore it
+        ({"examples": [{"caller": "Hi"}]}, "agent"),
+    ],
+)
+def test_sampling_settings_are_checked_when_the_agent_loads(
+    setting: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        LocalConfig.model_validate({"provider": "local", **setting})
+
+
+def test_examples_go_between_the_system_prompt_and_the_call() -> None:
+    examples = [{"caller": "When are you open?", "agent": "Nine to five."}]
+    model = LocalLLM(LocalConfig.model_validate({"provider": "local", "examples": examples}))
+    greeting = Message("assistant", "Hi, Bright Smile Dental.")
+
+    body = model._body(ChatRequest("Be brief.", (greeting, Message("user", "Where are you?"))))
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("system", "Be brief."),
+        ("user", "When are you open?"),
+        ("assistant", "Nine to five."),
+        ("assistant", "Hi, Bright Smile Dental."),
+        ("user", "Where are you?"),
+    ]
+    # Before the caller has spoken, llama.cpp would continue the examples' last
+    # line as the reply (it rejects two assistant messages at the end outright).
+    body = model._body(ChatRequest("Be brief.", (greeting,)))
+    assert [m["role"] for m in body["messages"]] == ["system", "assistant"]
+    asyncio.run(model.aclose())
+
+
+async def test_warming_up_with_examples_and_a_greeting_caches_them(llm: LocalLLM) -> None:
+    examples = [LocalExample(caller="When are you open?", agent="Nine to five.")]
+    with settings(llm, examples=examples):
+        # A greeting alone would end the messages with two assistant turns.
+        await llm.warmup(ChatRequest(REQUEST.system, (Message("assistant", "Hello!"),)))
+
+
+# --- whole sentences ------------------------------------------------------------
+
+
+async def test_a_reply_cut_by_max_tokens_ends_at_its_last_whole_sentence(
+    llm: LocalLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    never_stop(monkeypatch, llm, 60)  # every reply runs into max_tokens
+    await reply(llm)
+    raw = await reply(llm)
+    said = await reply(llm, whole_sentences=True)
+
+    assert not ends_sentence(raw)  # what the caller would have heard
+    assert raw.startswith(said) and len(said) < len(raw)
+    assert ends_sentence(said)
+
+
+@pytest.mark.parametrize(
+    ("text", "whole"),
+    [
+        ("We open at nine. We close at", "We open at nine."),
+        ("Sure! What time suits you? I can", "Sure! What time suits you?"),
+        ('She said "ten." Then', 'She said "ten."'),
+        ("It is 4.5 km away. Turn", "It is 4.5 km away."),  # a decimal point is not an end
+        ("Come at 8 a.m. and ask", ""),  # nor are abbreviations
+        ("Dr. Lee is in. She", "Dr. Lee is in."),
+        ("No. I", "No."),
+        ("Well… maybe", "Well…"),
+        ("We open at nine.", ""),  # the end is only sure once what follows is seen
+    ],
+)
+def test_where_the_last_whole_sentence_ends(text: str, whole: str) -> None:
+    assert text[: sentence_end(text)] == whole
+
+
+def test_the_gate_passes_sentences_on_and_drops_only_a_cut_tail() -> None:
+    gate = SentenceGate()
+    said = [gate.feed(piece) for piece in ("We are", " open. We", " close at six. And on", " Sat")]
+    assert said == ["", "We are open.", " We close at six.", ""]
+    assert gate.finish(cut=True) == "" and gate.finish(cut=True) == ""
+    assert gate.dropped == " And on Sat"
+    assert gate.released == "We are open. We close at six."
+
+    ended = SentenceGate()
+    assert ended.feed("Goodbye") == ""
+    assert ended.finish(cut=False) == "Goodbye"  # the model's own end: said as it is
+    assert ended.dropped == ""
+
+
+# --- sampling settings reach llama.cpp (checked on the real model) -------------
+
+
+async def test_a_seed_makes_sampling_repeatable(llm: LocalLLM) -> None:
+    with settings(llm, temperature=1.0):
+        await reply(llm)  # served from the prompt cache from here on (see reply())
+        first, again = await reply(llm, seed=5), await reply(llm, seed=5)
+        other = await reply(llm, seed=6)
+    assert first == again
+    assert other != first
+
+
+async def test_top_k_min_p_and_top_p_can_leave_only_the_likeliest_token(llm: LocalLLM) -> None:
+    await reply(llm)
+    greedy = await reply(llm, temperature=0)
+    hot = {"temperature": 1.0}
+    assert await reply(llm, **hot, seed=5) != greedy  # what the lines below rule out
+    for narrow in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 0.01}):
+        for seed in (5, 6):
+            assert await reply(llm, **hot, **narrow, seed=seed) == greedy, narrow
+
+
+async def test_each_penalty_changes_the_reply_within_its_window(llm: LocalLLM) -> None:
+    with settings(llm, temperature=0, repeat_penalty=1.0):
+        await reply(llm)
+        plain = await reply(llm)
+        for penalty in (
+            {"repeat_penalty": 1.5},
+            {"presence_penalty": 1.5},
+            {"frequency_penalty": 1.5},
+        ):
+            assert await reply(llm, **penalty) != plain, penalty
+            # A window of 0 tokens: nothing is penalised.
+            assert await reply(llm, **penalty, repeat_last_n=0) == plain, penalty
+
+
+async def test_a_stop_string_ends_the_reply_before_it(llm: LocalLLM) -> None:
+    with settings(llm, temperature=0):
+        whole = await reply(llm)
+        assert " " in whole
+        assert await reply(llm, stop=[" "]) == whole.split(" ")[0]
 
 
 def test_default_model_is_the_shipped_smollm2() -> None:

@@ -31,6 +31,7 @@ from callbrain.llm import (
     ToolOutput,
     ToolSpec,
     Usage,
+    local,
 )
 from callbrain.llm.chat import keep_newest
 from callbrain.llm.local import LocalLLM
@@ -112,6 +113,8 @@ def model_config(**overrides: Any) -> LocalConfig:
         "temperature": 0,
         "max_tokens": 24,
         "first_token_timeout_s": 60,
+        # The shapes of calls and text are under test here, not how a reply ends.
+        "whole_sentences": False,
     }
     return LocalConfig(**(settings | overrides))
 
@@ -226,18 +229,29 @@ def test_dropping_old_turns_never_leaves_an_output_without_its_call() -> None:
 # --- the shipped model: its template cannot do tools -----------------------------
 
 
-def test_the_shipped_template_cannot_do_tools_so_they_are_left_out_with_one_warning(
+async def test_the_shipped_template_cannot_do_tools_so_they_are_left_out_with_one_warning(
     smollm: LocalLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert smollm._tools_supported is False  # llama.cpp's own verdict, read at load
-    smollm._warned_no_tools = False
+    local._warned_no_tools.clear()  # whatever earlier tests in this process logged
     request = ChatRequest(SYSTEM, HISTORY, TOOLS)
 
     assert "tools" not in smollm._body(request)
     assert "tools" not in smollm._body(request)
+    # The same model loaded again (as `callbrain test` does per scenario): no new warning.
+    again = LocalLLM(model_config())
+    try:
+        await again.warmup(request)
+        assert again._tools_supported is False
+        assert "tools" not in again._body(request)
+    finally:
+        await again.aclose()
     warnings = [r for r in caplog.records if "cannot do tool calls" in r.getMessage()]
     assert len(warnings) == 1
-    assert smollm.model in warnings[0].getMessage()
+    message = warnings[0].getMessage()
+    assert smollm.model in message
+    assert "(book_visit, end_call)" in message  # what the agent loses
+    assert "llm.model_path" in message and "llm.chat_template" in message  # what to do
 
 
 async def test_the_shipped_model_answers_in_text_when_given_tools(smollm: LocalLLM) -> None:
@@ -332,8 +346,10 @@ def finish(reason: str) -> list[dict[str, Any]]:
     ]
 
 
-async def replay(chunks: list[dict[str, Any]], request: ChatRequest) -> list[ChatChunk]:
-    llm = LocalLLM(LocalConfig(provider="local"))
+async def replay(
+    chunks: list[dict[str, Any]], request: ChatRequest, **settings: Any
+) -> list[ChatChunk]:
+    llm = LocalLLM(LocalConfig(provider="local", **settings))
     server = ReplayedLlama(chunks)
 
     async def loaded() -> ReplayedLlama:
@@ -360,8 +376,10 @@ async def test_interleaved_fragments_become_whole_calls_with_unique_ids() -> Non
     ]
     out = await replay(chunks, request)
 
-    assert [type(c) for c in out] == [TextDelta, TextDelta, ToolCall, ToolCall, Usage]
-    book, hang_up = out[2], out[3]
+    # The text comes first, whole (a sentence at a time), then the calls.
+    assert [type(c) for c in out] == [TextDelta, ToolCall, ToolCall, Usage]
+    assert spoken(out) == "Sure, booking now."
+    book, hang_up = out[1], out[2]
     assert isinstance(book, ToolCall) and isinstance(hang_up, ToolCall)
     assert (book.name, book.arguments) == ("book_visit", '{"day": "Wednesday"}')
     assert (hang_up.name, hang_up.arguments) == ("end_call", "")
@@ -388,6 +406,56 @@ async def test_a_last_call_that_was_complete_when_max_tokens_hit_is_kept() -> No
 
     calls = assert_clean_end(await replay(chunks, request), request)
     assert [c.id for c in calls] == ["a"]
+
+
+def text_chunks(*pieces: str) -> list[dict[str, Any]]:
+    return [delta(content=piece) for piece in pieces]
+
+
+def spoken(chunks: list[ChatChunk]) -> str:
+    return "".join(c.text for c in chunks if isinstance(c, TextDelta))
+
+
+async def test_text_cut_by_max_tokens_ends_at_its_last_whole_sentence() -> None:
+    request = ChatRequest(SYSTEM, (Message("user", "When are you open?"),))
+    reply = text_chunks("We're open", " nine to five.", " On Saturdays", " we open at")
+
+    out = await replay([*reply, *finish("length")], request)
+    assert spoken(out) == "We're open nine to five."
+    assert [type(c) for c in out] == [TextDelta, Usage]
+    # A reply the model ended itself is said whole, last words included.
+    assert spoken(await replay([*reply, *finish("stop")], request)) == "".join(
+        c["choices"][0]["delta"]["content"] for c in reply
+    )
+    # Unless the setting is off: then every token is passed on as it comes.
+    raw = await replay([*reply, *finish("length")], request, whole_sentences=False)
+    assert [c.text for c in raw if isinstance(c, TextDelta)] == [
+        "We're open",
+        " nine to five.",
+        " On Saturdays",
+        " we open at",
+    ]
+
+
+async def test_a_cut_reply_keeps_its_whole_tool_calls_and_says_the_text_first() -> None:
+    request = ChatRequest(SYSTEM, (Message("user", "Book Monday."),), TOOLS)
+    call = fragment(0, id="a", name="book_visit", args='{"day": "Monday"}')
+    chunks = [*text_chunks("One moment.", " I will book"), call, *finish("length")]
+    out = await replay(chunks, request)
+
+    assert [type(c) for c in out] == [TextDelta, ToolCall, Usage]
+    assert spoken(out) == "One moment."
+    # No whole sentence at all, but a whole call: the call is what matters.
+    out = await replay([*text_chunks("I will book"), call, *finish("length")], request)
+    assert [type(c) for c in out] == [ToolCall, Usage]
+
+
+async def test_a_reply_without_one_whole_sentence_before_max_tokens_is_an_error() -> None:
+    # Nothing of it can be said: the turn speaks the agent's fallback line instead.
+    request = ChatRequest(SYSTEM, (Message("user", "Hi"),))
+    chunks = [*text_chunks("Well, I think that the", " best thing"), *finish("length")]
+    with pytest.raises(LLMError, match=r"max_tokens \(80\) before its first sentence"):
+        await replay(chunks, request)
 
 
 async def test_a_missing_chat_template_file_fails_the_load_clearly() -> None:

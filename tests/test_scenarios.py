@@ -104,6 +104,72 @@ script:
     assert len(result.failures) == 5
 
 
+async def test_reply_expectations_catch_a_cut_reply_and_a_repeat(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+name: repeats itself
+greeting:
+  ends_sentence: true
+steps:
+  - caller: When are you open?
+    expect: {ends_sentence: true}
+  - caller: Where are you?
+    expect: {ends_sentence: true, differs_from_previous: true}
+  - caller: And where is that?
+    expect: {differs_from_previous: true}
+  - silence_ms: 10
+    expect: {differs_from_previous: true, ends_sentence: true}
+expect:
+  ends_sentence: true
+  distinct_replies: true
+script:
+  - text: We open at nine.
+  - text: We are at 12 Harbour Road, and we are not available on
+  - text: "We are at 12 harbour road,   and we are NOT available on"
+  - text: Are you still there?
+""",
+    )
+    [result] = await run_suite([path], agent=Agent.from_yaml(example_agent_path()))
+    script = [reply.text for reply in load_scenario(path).script or []]
+    assert result.violations == []
+    cut, again = "We are at 12 Harbour Road, and we are not available on", script[2]
+    assert sorted(result.failures) == [
+        f"call: steps[1]: stopped mid-sentence (...{cut!r})",
+        f"call: steps[2]: said the same as steps[1] ({again!r})",
+        f"call: steps[2]: stopped mid-sentence (...{again!r})",
+        f"steps[1]: stopped mid-sentence (...{cut!r})",
+        f"steps[2]: said its previous reply again ({again!r})",
+    ]
+
+
+def test_reply_comparisons_are_refused_where_they_mean_nothing(tmp_path: Path) -> None:
+    for where, problem in [
+        ("greeting: {differs_from_previous: true}", "the greeting has no previous reply"),
+        ("greeting: {distinct_replies: true}", "greeting.distinct_replies: only for the whole"),
+        ("expect: {differs_from_previous: true}", "expect.differs_from_previous: only under a"),
+        (
+            "steps: [{caller: Hi, expect: {distinct_replies: true}}]",
+            r"steps\[0\].expect.distinct_replies: only for the whole call",
+        ),
+    ]:
+        with pytest.raises(ScenarioError, match=problem):
+            load_scenario(write(tmp_path, where + "\n"))
+    with pytest.raises(ScenarioError, match="ends_sentence: Input should be a valid boolean"):
+        load_scenario(write(tmp_path, "expect: {ends_sentence: maybe}\n"))
+
+
+async def test_the_embedded_model_answers_five_questions_each_its_own_way() -> None:
+    # The shipped scenario on the shipped agent and its 135M model: the replies
+    # are different, whole sentences, and the check-in is not the last answer.
+    [result] = await run_suite(
+        [EXAMPLES / "five_questions.yaml"], agent=Agent.from_yaml(example_agent_path())
+    )
+    assert result.passed, (result.violations, result.failures)
+    assert [t.kind for t in result.turns] == ["greeting", *["caller"] * 5, "reminder"]
+    assert all(t.complete_ms is not None and not t.interrupted for t in result.turns)
+
+
 async def test_a_barge_in_carries_the_partial_reply_and_leaves_no_stale_frame() -> None:
     scenario = Scenario.model_validate(
         {

@@ -68,6 +68,16 @@ class Expect(_Strict):
     transfer_to: str | None = None
     digits: str | None = None
     """The digits pressed, in order."""
+    ends_sentence: bool = False
+    """The reply ends with a whole sentence (``.``, ``!``, ``?`` or ``…``, maybe
+    then a closing quote), so it was not cut off mid-sentence. For the whole
+    call: every reply that was not interrupted."""
+    differs_from_previous: bool = False
+    """(Steps only.) The reply is not the agent's previous reply again (the
+    greeting, for the first step), ignoring case and spacing."""
+    distinct_replies: bool = False
+    """(Whole call only.) No two replies of the call are the same, ignoring
+    case and spacing: the agent did not give one answer to different turns."""
 
 
 class CallerTurn(_Strict):
@@ -156,6 +166,24 @@ class Scenario(_Strict):
         first = self.steps[0] if self.steps else None
         if isinstance(first, CallerTurn) and first.interrupts is not None:
             raise ValueError("steps[0]: the first step has no reply to interrupt")
+        return self
+
+    @model_validator(mode="after")
+    def _reply_comparisons_where_they_mean_something(self) -> Scenario:
+        whole_call = "only for the whole call (under the top-level expect)"
+        greeting = self.greeting or Expect()
+        if greeting.differs_from_previous:
+            raise ValueError("greeting.differs_from_previous: the greeting has no previous reply")
+        if greeting.distinct_replies:
+            raise ValueError(f"greeting.distinct_replies: {whole_call}")
+        for index, step in enumerate(self.steps):
+            if step.expect is not None and step.expect.distinct_replies:
+                raise ValueError(f"steps[{index}].expect.distinct_replies: {whole_call}")
+        if self.expect.differs_from_previous:
+            raise ValueError(
+                "expect.differs_from_previous: only under a step (for the whole call, "
+                "distinct_replies)"
+            )
         return self
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from callbrain.testing.checker import Frame, TurnRecord
 from callbrain.testing.client import RetellClient, agent, user
 from callbrain.testing.scenario import CallerTurn, Expect, Scenario, Silence, ToolExpectation
 
+_SENTENCE_END = re.compile(r"[.!?…][\"')\]\u2019\u201d]*\s*$")
+"""Text that ends a sentence: a full stop, ``!``, ``?`` or ``…``, perhaps closing
+quotes or brackets, then nothing but space."""
 _UPDATES_PER_UTTERANCE = 4
 """At most this many ``update_only`` frames while the caller speaks."""
 
@@ -232,23 +236,29 @@ def judge(runner: ScenarioRunner, result: ScenarioResult) -> None:
     if scenario.greeting is not None:
         greeting_frames = [f for _, f in frames if _is_response(f, 0)]
         _check(scenario.greeting, "greeting", greeting_frames, checker.begin.text, result)
+        if scenario.greeting.ends_sentence:
+            _check_sentence_end("greeting", checker.begin.text, result)
+    previous = checker.begin.text
     for n, run in enumerate(runner.runs):
-        if run.expect is None:
-            continue
-        until = runner.runs[n + 1].sent_at if n + 1 < len(runner.runs) else float("inf")
-        window = [
-            f
-            for at, f in frames
-            if _is_response(f, run.response_id)
-            or (run.sent_at <= at < until and f.get("response_type") != "response")
-        ]
         turn = checker.turns.get(run.response_id)
-        _check(run.expect, run.label, window, turn.text if turn else "", result)
+        reply = turn.text if turn else ""
+        if run.expect is not None:
+            until = runner.runs[n + 1].sent_at if n + 1 < len(runner.runs) else float("inf")
+            window = [
+                f
+                for at, f in frames
+                if _is_response(f, run.response_id)
+                or (run.sent_at <= at < until and f.get("response_type") != "response")
+            ]
+            _check(run.expect, run.label, window, reply, result)
+            _check_reply(run.expect, run.label, reply, previous, result)
+        previous = reply
     everything = " ".join(t.text for t in [checker.begin, *checker.turns.values()])
     everything += " " + " ".join(
         str(f.get("content", "")) for _, f in frames if f.get("response_type") == "agent_interrupt"
     )
     _check(scenario.expect, "call", [f for _, f in frames], everything, result)
+    _check_call_replies(scenario.expect, runner, result)
     result.turns = [_timing(checker.begin, "greeting")] if checker.begin.first_frame_at else []
     result.turns += [
         _timing(t, "reminder" if t.reminder else "caller") for t in checker.turns.values()
@@ -298,6 +308,49 @@ def _check_actions(expect: Expect, where: str, frames: list[Frame], result: Scen
         )
     if expect.digits is not None and digits != expect.digits:
         result.failures.append(f"{where}: expected digits {expect.digits!r}, got {digits!r}")
+
+
+def _check_reply(
+    expect: Expect, where: str, reply: str, previous: str, result: ScenarioResult
+) -> None:
+    if expect.ends_sentence:
+        _check_sentence_end(where, reply, result)
+    if expect.differs_from_previous and _normalized(reply) == _normalized(previous):
+        result.failures.append(f"{where}: said its previous reply again ({_clip(reply)!r})")
+
+
+def _check_call_replies(expect: Expect, runner: ScenarioRunner, result: ScenarioResult) -> None:
+    """The whole call's ``ends_sentence`` and ``distinct_replies``, over every
+    reply that ran its course (a reply the caller talked over is cut by design)."""
+    checker = runner.call.checker
+    replies: list[tuple[str, TurnRecord | None]] = [("greeting", checker.begin)]
+    replies += [(run.label, checker.turns.get(run.response_id)) for run in runner.runs]
+    finished = [(label, turn.text) for label, turn in replies if turn and turn.completes]
+    if expect.ends_sentence:
+        for label, text in finished:
+            _check_sentence_end(f"call: {label}", text, result)
+    if expect.distinct_replies:
+        first_said: dict[str, str] = {}
+        for label, text in finished:
+            key = _normalized(text)
+            if key in first_said:
+                result.failures.append(
+                    f"call: {label}: said the same as {first_said[key]} ({_clip(text)!r})"
+                )
+            else:
+                first_said[key] = label
+
+
+def _check_sentence_end(where: str, text: str, result: ScenarioResult) -> None:
+    if not text.strip():
+        result.failures.append(f"{where}: said nothing, so no sentence ended")
+    elif not _SENTENCE_END.search(text):
+        result.failures.append(f"{where}: stopped mid-sentence (...{text.rstrip()[-60:]!r})")
+
+
+def _normalized(text: str) -> str:
+    """What two replies must share to count as the same: all but case and spacing."""
+    return " ".join(text.lower().split())
 
 
 def _invocation(frame: Frame) -> tuple[str, dict[str, Any]]:

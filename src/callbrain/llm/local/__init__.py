@@ -20,7 +20,22 @@ Limits worth knowing before pointing a phone line at it:
   machines.
 * **The default model is weak.** 135M parameters is enough to prove the
   pipeline offline, not to run a real receptionist. It is the offline default,
-  not the recommended brain: point ``model_path`` at a stronger GGUF.
+  not the recommended brain: point ``model_path`` at a stronger GGUF. What
+  keeps it sensible (measured on the shipped clinic agent): worked
+  ``examples`` sent as earlier turns of the call (it copies them; the same
+  examples inside the system prompt did little), short facts it can repeat, a
+  mild ``repeat_penalty`` and greedy decoding. Without them it loops, drifts
+  into other personas, and copies its previous answer to every new question.
+* **Whole sentences.** A reply that runs into ``max_tokens`` stops mid-word;
+  with ``whole_sentences`` (the default) text is passed on a sentence at a
+  time and an unfinished last sentence is dropped (:mod:`.sentences`). This
+  backend is where that rule lives because only it knows why the text
+  stopped (llama.cpp's ``finish_reason``). The cost: the first words wait for
+  the first sentence to be written.
+* **Reproducibility.** At ``temperature`` 0, or with a ``seed``, the same
+  requests in the same order get the same replies; but a prompt served from
+  llama.cpp's prefix cache can come out differently from the same prompt
+  prefilled cold (measured: a near tie went the other way).
 * **Tool calls work only where the model's chat template does them.**
   llama.cpp renders the tools with the GGUF's own jinja template (``use_jinja``:
   without it, a request with tools is refused), works out that template's call
@@ -62,15 +77,82 @@ from pathlib import Path
 from typing import Any
 
 from callbrain.llm.base import LLM, LLMError
-from callbrain.llm.chat import ChatChunk, ChatRequest, keep_newest
+from callbrain.llm.chat import (
+    ChatChunk,
+    ChatRequest,
+    Message,
+    TextDelta,
+    ToolCall,
+    keep_newest,
+)
 from callbrain.llm.config import LocalConfig
 from callbrain.llm.local.bridge import ContextOverflowError, error_from_llama, stream_completion
 from callbrain.llm.local.loader import PROVIDER, default_model_path, default_threads, load_server
+from callbrain.llm.local.sentences import SentenceGate
 from callbrain.llm.openai_format import ChunkReader, chat_messages, tool_params
 
 __all__ = ["ContextOverflowError", "LocalLLM", "default_model_path", "default_threads"]
 
 logger = logging.getLogger("callbrain.llm.local")
+
+# Passed to llama.cpp as they are, when set (see LocalConfig).
+_SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "max_tokens",
+)
+
+# Model files whose missing tool support has been logged: once per process, not
+# once per load (`callbrain test` loads the model again for every scenario).
+_warned_no_tools: set[Path] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_no_tools(path: Path, request: ChatRequest) -> None:
+    with _warned_lock:
+        if path in _warned_no_tools:
+            return
+        _warned_no_tools.add(path)
+    logger.warning(
+        "local: the chat template of %s cannot do tool calls, so the agent's tools (%s) are "
+        "left out and the model answers in words only. For tools, set llm.model_path to a "
+        "GGUF whose template has them (e.g. Qwen2.5 or Llama 3.1+ instruct) or give "
+        "llm.chat_template. (Logged once per process.)",
+        path.name,
+        ", ".join(tool.name for tool in request.tools),
+    )
+
+
+def _caller_spoke(request: ChatRequest) -> bool:
+    return any(isinstance(m, Message) and m.role == "user" for m in request.messages)
+
+
+def _finish_reason(chunk: dict[str, Any]) -> str | None:
+    for choice in chunk.get("choices") or ():
+        if reason := choice.get("finish_reason"):
+            return str(reason)
+    return None
+
+
+def _report_cut(gate: SentenceGate, max_tokens: int | None, *, called: bool) -> None:
+    """max_tokens cut the reply: its unfinished sentence was left unsaid."""
+    if gate.released.strip() or called:
+        logger.debug("local: max_tokens cut the reply; left unsaid: %r", gate.dropped)
+        return
+    # Not one whole sentence and nothing done: say none of it, and let the
+    # turn apologise (the one place that decides the fallback line).
+    raise LLMError(
+        f"local: the reply reached max_tokens ({max_tokens}) before its first sentence "
+        f"ended ({gate.dropped[:60]!r}...); raise llm.max_tokens",
+        provider=PROVIDER,
+    )
 
 
 class LocalLLM(LLM):
@@ -98,6 +180,11 @@ class LocalLLM(LLM):
         )
         self.path = path
         self.config = config
+        self._examples = tuple(
+            message
+            for example in config.examples
+            for message in (Message("user", example.caller), Message("assistant", example.agent))
+        )
         # Room for every slot, the loader, and calls that are still stopping.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.n_parallel + 2, thread_name_prefix="callbrain-llama"
@@ -110,7 +197,6 @@ class LocalLLM(LLM):
         # Whether the chat template can do tool calls: None until loaded, or
         # when llama.cpp could not say (tools are sent then; it decides).
         self._tools_supported: bool | None = None
-        self._warned_no_tools = False
         self._closed = False
         self._in_flight = 0
 
@@ -124,12 +210,18 @@ class LocalLLM(LLM):
         """Load the model and run a one-token completion.
 
         That pages the weights in and, given the agent's ``request``, leaves its
-        system prompt in llama.cpp's prefix cache: the first caller then waits
-        ~0.1 s for a first token instead of seconds of prompt processing.
+        system prompt (and examples, and greeting) in llama.cpp's prefix cache:
+        the first caller then waits ~0.1 s for a first token instead of seconds
+        of prompt processing.
         """
         server = await self._ensure_server()
         body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}]}
         if request is not None:
+            if not _caller_spoke(request):
+                # As the first turn will: everything before the caller's words
+                # is then cached, the examples included (see _body).
+                messages = (*request.messages, Message("user", "Hi"))
+                request = ChatRequest(request.system, messages, request.tools)
             body = self._body(request)
             del body["stream"], body["stream_options"]
         body["max_tokens"] = 1
@@ -183,7 +275,14 @@ class LocalLLM(LLM):
         # If aclose() won the race, `server` is dropped here, on this thread.
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
-        """The OpenAI-style request llama.cpp expects; tools and sampling keys only when set."""
+        """The OpenAI-style request llama.cpp expects: the agent's examples before
+        the call, tools and sampling keys only when set."""
+        c = self.config
+        # Not before a conversation without the caller: llama.cpp would take
+        # the examples' last line as the start of the reply to continue.
+        if self._examples and _caller_spoke(request):
+            messages = (*self._examples, *request.messages)
+            request = ChatRequest(request.system, messages, request.tools)
         body: dict[str, Any] = {
             "messages": chat_messages(request, name_outputs=True),
             "stream": True,
@@ -191,29 +290,15 @@ class LocalLLM(LLM):
         }
         if request.tools:
             if self._tools_supported is False:
-                self._warn_no_tools()
+                _warn_no_tools(self.path, request)
             else:
                 body["tools"] = tool_params(request.tools)
-        c = self.config
-        for key, value in (
-            ("temperature", c.temperature),
-            ("top_p", c.top_p),
-            ("max_tokens", c.max_tokens),
-        ):
-            if value is not None:
+        for key in _SAMPLING_KEYS:
+            if (value := getattr(c, key)) is not None:
                 body[key] = value
+        if c.stop:
+            body["stop"] = list(c.stop)
         return body
-
-    def _warn_no_tools(self) -> None:
-        # Once per model: the operator needs telling, not every turn of every call.
-        if self._warned_no_tools:
-            return
-        self._warned_no_tools = True
-        logger.warning(
-            "local: the chat template of %s cannot do tool calls, so the model answers without "
-            "the agent's tools. Set llm.model_path to a GGUF whose chat template supports tools.",
-            self.model,
-        )
 
     async def _generate(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         # A long call outgrows a small context. Rather than fail every turn from
@@ -242,14 +327,32 @@ class LocalLLM(LLM):
     async def _complete(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         body = self._body(request)
         reader = ChunkReader(request, provider=PROVIDER)
+        gate = SentenceGate() if self.config.whole_sentences else None
+        cut = called = False
         server = await self._ensure_server()
         async for item in stream_completion(self._executor, server, body, on_busy=self._busy):
+            cut = cut or _finish_reason(item) == "length"
             for chunk in reader.feed(item):
-                yield chunk
+                if gate is None:
+                    yield chunk
+                elif isinstance(chunk, TextDelta):
+                    if ready := gate.feed(chunk.text):
+                        yield TextDelta(ready)
+                else:
+                    # Calls and usage come once the text is over: say the rest first.
+                    if rest := gate.finish(cut=cut):
+                        yield TextDelta(rest)
+                    called = called or isinstance(chunk, ToolCall)
+                    yield chunk
         if not reader.finished:
             # xllamacpp stops silently if a chunk fails to parse or our
             # callback raises: do not pass a truncated answer off as complete.
             raise LLMError("local: llama.cpp ended without a finish_reason", provider=PROVIDER)
+        if gate is not None:
+            if rest := gate.finish(cut=cut):
+                yield TextDelta(rest)
+            if gate.dropped:
+                _report_cut(gate, self.config.max_tokens, called=called)
 
     def _busy(self, change: int) -> None:
         with self._lock:
