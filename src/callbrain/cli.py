@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
@@ -182,7 +182,28 @@ def bench(
     ] = 50.0,
     compare: Annotated[
         str | None,
-        typer.Option(help="Run the same load against this second server and print ratios."),
+        typer.Option(
+            help="Then run the same load against a second server and print ratios: its URL, "
+            "or 'baseline' to start benchmarks/baseline/server.py (a minimal FastAPI + openai "
+            "server as in Retell's demo) on the same fake model."
+        ),
+    ] = None,
+    curve: Annotated[
+        str | None,
+        typer.Option(
+            help="Call counts, e.g. 100,250,500: run the whole bench at each (--calls is "
+            "ignored) and write --markdown and --plot."
+        ),
+    ] = None,
+    markdown: Annotated[
+        Path, typer.Option(help="With --curve: the Markdown page the table goes in.")
+    ] = Path("bench-curve.md"),
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --curve: the PNG plot (needs the 'bench' extra). "
+            "Default: the Markdown page's path with .png."
+        ),
     ] = None,
     fake_llm_port: Annotated[
         int | None,
@@ -194,8 +215,11 @@ def bench(
     seed: Annotated[int | None, typer.Option(help="Seed for repeatable call scripts.")] = None,
 ) -> None:
     """Load a server with simulated calls; report added latency, pings and protocol errors."""
+    import sys
+
     from callbrain.testing.bench import LoadOptions
-    from callbrain.testing.bench_run import FakeModel, print_report, run_bench
+    from callbrain.testing.bench_report import print_report
+    from callbrain.testing.bench_run import BASELINE, FakeModel, run_bench
 
     options = LoadOptions(
         calls=calls,
@@ -207,27 +231,50 @@ def bench(
         seed=seed,
     )
     model = FakeModel(ttft_s=ttft, token_rate=token_rate)
-    console.print(
-        f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
-        f"{url or 'callbrain serve (started here)'}" + (f", then {compare}" if compare else ""),
-        highlight=False,
-    )
-    bench_run = run_bench(
-        _ws_url(url), options, model, compare=_ws_url(compare), fake_llm_port=fake_llm_port
-    )
-    try:
-        # uvloop (installed with uvicorn[standard]) halves the simulated callers' own
-        # CPU, which shares the machine with the server being measured.
-        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-            result = runner.run(bench_run)
-    except RuntimeError as exc:
-        _fail(str(exc))
+    second = compare if compare == BASELINE else _ws_url(compare)
+    if curve is not None:
+        from callbrain.testing.bench_curve import curve_to_files, parse_points, require_plotting
+
+        if url is not None:
+            _fail("--curve starts its servers itself: give no URL")
+        try:
+            points = parse_points(curve)
+            require_plotting()
+        except (ValueError, MissingExtraError) as exc:
+            _fail(str(exc))
+        command = ["callbrain", *sys.argv[1:]]
+        png = plot or markdown.with_suffix(".png")
+        result = _run_bench_loop(
+            curve_to_files(points, options, model, second, (markdown, png), command, console)
+        )
+    else:
+        console.print(
+            f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
+            f"{url or 'callbrain serve (started here)'}" + (f", then {second}" if second else ""),
+            highlight=False,
+        )
+        result = _run_bench_loop(
+            run_bench(_ws_url(url), options, model, compare=second, fake_llm_port=fake_llm_port)
+        )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if json_path is not None and str(json_path) == "-":
         typer.echo(text)
     elif json_path is not None:
         json_path.write_text(text + "\n", encoding="utf-8")
-    print_report(result, console if json_path is not None and str(json_path) == "-" else Console())
+    if curve is None:
+        out = console if json_path is not None and str(json_path) == "-" else Console()
+        print_report(result, out)
+
+
+def _run_bench_loop(coroutine: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Run the bench on uvloop; a server that fails to start is a clean error."""
+    try:
+        # uvloop (installed with uvicorn[standard]) halves the simulated callers' own
+        # CPU, which shares the machine with the server being measured.
+        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+            return runner.run(coroutine)
+    except (RuntimeError, MissingExtraError) as exc:
+        _fail(str(exc))
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -1,0 +1,105 @@
+"""How ``callbrain bench`` shows a run: a table with one column per server.
+
+The same row definitions serve the terminal table and the curve's Markdown
+table, so a number is worded and rounded one way wherever it appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+Run = dict[str, Any]
+
+_COUNTED = ("ping_missed", "stale_frame", "turn_incomplete")
+"""Violations with rows of their own; the rest are listed under "other violations"."""
+BENCH_LAG_LIMIT_MS = 50.0
+"""Above this p99 of the bench's own loop lag, its latencies are partly the bench's."""
+BENCH_CPU_LIMIT = 0.9
+"""At this share of one core the bench (one event loop, one thread) is saturated."""
+
+
+def ms(values: dict[str, float | None], keys: tuple[str, ...] | None = None) -> str:
+    chosen = [values[k] for k in (keys or tuple(values))]
+    return " / ".join("-" if v is None else f"{v:,.1f}" for v in chosen)
+
+
+def other_violations(run: Run) -> str:
+    shown = [f"{rule} {n:,}" for rule, n in run["violations"].items() if rule not in _COUNTED]
+    return ", ".join(shown) or "0"
+
+
+def bench_core_share(run: Run) -> float:
+    """The bench's CPU as a share of one core over the run."""
+    return float(run["bench_cpu_s"]) / run["wall_s"] if run["wall_s"] else 0.0
+
+
+def bench_bound(run: Run) -> bool:
+    """Did the bench client itself fall behind, so its figures measure the bench too?"""
+    lag = run["client_loop_lag_ms"]["p99"]
+    return (lag is not None and lag >= BENCH_LAG_LIMIT_MS) or bench_core_share(run) >= (
+        BENCH_CPU_LIMIT
+    )
+
+
+def _opt(run: Run, key: str, unit: str = "") -> str:
+    value = run.get(key)
+    return "-" if value is None else f"{value:,}{unit}"
+
+
+ROWS: list[tuple[str, Callable[[Run], str]]] = [
+    ("calls (connected)", lambda r: f"{r['calls']:,} ({r['connected']:,})"),
+    ("turns (interrupted)", lambda r: f"{r['turns']:,} ({r['interrupted_turns']:,})"),
+    ("added latency p50 / p95 / p99 ms", lambda r: ms(r["added_latency_ms"])),
+    ("ping RTT p50 / p99 ms", lambda r: ms(r["ping_rtt_ms"])),
+    ("missed pings", lambda r: f"{r['missed_pings']:,}"),
+    ("stale frames", lambda r: f"{r['stale_frames']:,}"),
+    ("incomplete turns", lambda r: f"{r['incomplete_turns']:,}"),
+    ("other violations", other_violations),
+    ("errors", lambda r: f"{r['errors']:,}"),
+    ("server CPU s", lambda r: _opt(r, "server_cpu_s")),
+    ("server CPU per turn ms", lambda r: _opt(r, "server_cpu_ms_per_turn")),
+    ("server peak RSS MB", lambda r: _opt(r, "server_peak_rss_mb")),
+    ("fake model CPU s", lambda r: _opt(r, "fake_llm_cpu_s")),
+    ("bench CPU s (share of a core)", lambda r: f"{r['bench_cpu_s']} ({bench_core_share(r):.0%})"),
+    ("bench loop lag p50 / p99 ms", lambda r: ms(r["client_loop_lag_ms"])),
+    ("others' CPU s (rest of the machine)", lambda r: str(r["others_cpu_s"])),
+]
+
+
+def runs_of(result: Run) -> list[Run]:
+    """The main run and the compared one, if any."""
+    return [result, *([result["compare"]] if "compare" in result else [])]
+
+
+def print_report(result: Run, console: Console, *, title: str = "callbrain bench") -> None:
+    """The report as a table: one column per server run, then errors and ratios."""
+    runs = runs_of(result)
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for run in runs:
+        table.add_column(run["server"], justify="right", overflow="fold")
+    for label, cell in ROWS:
+        table.add_row(label, *(cell(run) for run in runs))
+    console.print(table)
+    for run in runs:
+        for sample in run["error_samples"]:
+            line = Text(f"{run['server']}: ", style="red") + Text(sample)
+            console.print(line, highlight=False)
+        if run["errors"] > len(run["error_samples"]):
+            console.print(f"... {run['errors']:,} errors in all", highlight=False)
+        if bench_bound(run):
+            console.print(
+                f"{run['server']}: the bench itself fell behind (loop lag p99 "
+                f"{ms(run['client_loop_lag_ms'], ('p99',))} ms, "
+                f"{bench_core_share(run):.0%} of a core): its latencies are partly the bench's",
+                style="yellow",
+                highlight=False,
+            )
+    if "ratios" in result:
+        shown = ", ".join(f"{k} x{v}" for k, v in result["ratios"].items() if v is not None)
+        console.print(f"second / first: {shown}", highlight=False)
