@@ -157,6 +157,7 @@ def test_the_block_says_how_it_was_measured() -> None:
     run = {
         "server": "callbrain",
         "calls": 10,
+        "connected": 8,
         "turns": 40,
         "added_latency_ms": {"p50": 5.0, "p95": 8.0, "p99": 9.0},
         "ping_rtt_ms": {"p50": 0.5, "p99": 2.0},
@@ -164,7 +165,9 @@ def test_the_block_says_how_it_was_measured() -> None:
         "stale_frames": 0,
         "incomplete_turns": 0,
         "violations": {},
+        "server_cpu_s": 5.0,
         "server_cpu_ms_per_turn": 3.1,
+        "others_cpu_s": 4.0,
         "server_peak_rss_mb": 80.0,
         "bench_cpu_s": 1.0,
         "wall_s": 10.0,
@@ -182,8 +185,10 @@ def test_the_block_says_how_it_was_measured() -> None:
     curve = {"started": "today", "ramp_s": None, "machine": machine, "points": [run]}
     block = markdown_block(curve, ["callbrain", "bench", "--curve", "10"], Path("p.png"))
     assert "callbrain bench --curve 10" in block and "50 ms, then 50 tokens/s" in block
-    assert "| 10 † | callbrain | 40 | 5.0 / 9.0 | 0.5 / 2.0 |" in block
+    row = "| 10 (8 connected) † | callbrain | 40 | 5.0 / 9.0 | 0.5 / 2.0 | 0 | 0 | 0 | 0 | 3.1 "
+    assert row + "| 50% | 80.0 | 70.0 ms, 10% | 0.40 |" in block
     assert "† The bench itself fell behind" in block
+    assert "(N connected): the other calls did not finish their WebSocket handshake" in block
 
 
 def test_bench_bound_reads_the_bench_lag_and_cpu() -> None:

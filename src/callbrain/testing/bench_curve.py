@@ -35,8 +35,10 @@ from callbrain.testing.bench_report import (
     bench_core_share,
     ms,
     other_violations,
+    others_cores,
     print_report,
     runs_of,
+    server_core_share,
 )
 from callbrain.testing.bench_run import FakeModel, run_bench
 
@@ -96,10 +98,12 @@ async def run_curve(
 
 
 def _row(run: Run) -> list[str]:
-    flag = " †" if bench_bound(run) else ""
-    lag = ms(run["client_loop_lag_ms"], ("p99",))
+    calls = f"{run['calls']:,}"
+    if run["connected"] < run["calls"]:
+        calls += f" ({run['connected']:,} connected)"
+    share = server_core_share(run)
     return [
-        f"{run['calls']:,}{flag}",
+        calls + (" †" if bench_bound(run) else ""),
         run["server"],
         f"{run['turns']:,}",
         ms(run["added_latency_ms"], ("p50", "p99")),
@@ -109,8 +113,10 @@ def _row(run: Run) -> list[str]:
         f"{run['incomplete_turns']:,}",
         other_violations(run),
         str(run.get("server_cpu_ms_per_turn", "-")),
+        "-" if share is None else f"{share:.0%}",
         str(run.get("server_peak_rss_mb", "-")),
-        f"{lag} ms, {bench_core_share(run):.0%}",
+        f"{ms(run['client_loop_lag_ms'], ('p99',))} ms, {bench_core_share(run):.0%}",
+        f"{others_cores(run):.2f}",
     ]
 
 
@@ -125,8 +131,10 @@ _HEADER = [
     "incomplete turns",
     "other violations",
     "server CPU per turn ms",
+    "server CPU (of a core)",
     "server peak RSS MB",
     "bench loop lag p99, bench CPU (of a core)",
+    "rest of the machine (cores busy)",
 ]
 
 
@@ -162,7 +170,14 @@ def markdown_block(curve: dict[str, Any], command: list[str], plot: Path) -> str
         markdown_table(curve),
         "",
     ]
-    if any(bench_bound(run) for r in curve["points"] for run in runs_of(r)):
+    runs = [run for result in curve["points"] for run in runs_of(result)]
+    if any(run["connected"] < run["calls"] for run in runs):
+        lines += [
+            "(N connected): the other calls did not finish their WebSocket handshake within "
+            "30 s, so the figures on that row are those of the N calls that did.",
+            "",
+        ]
+    if any(bench_bound(run) for run in runs):
         lines += [
             f"† The bench itself fell behind at this point (its loop lag p99 reached "
             f"{BENCH_LAG_LIMIT_MS:g} ms, or it used {BENCH_CPU_LIMIT:.0%} of a core): these "
@@ -247,6 +262,16 @@ def plot_curve(curve: dict[str, Any], path: Path) -> None:
             shown = [r for r in runs if r[metric]["p99"] is not None]
             xs = [r["calls"] for r in shown]
             line = ax.plot(xs, [max(r[metric]["p99"], 0.1) for r in shown], marker="o", label=name)
+            for r in shown:
+                if r["connected"] < r["calls"]:
+                    ax.annotate(
+                        f"{r['connected']:,} connected",
+                        (r["calls"], max(r[metric]["p99"], 0.1)),
+                        textcoords="offset points",
+                        xytext=(4, -12),
+                        fontsize=7,
+                        color=line[0].get_color(),
+                    )
             bound = [r for r in shown if bench_bound(r)]
             if bound:
                 ax.scatter(
@@ -266,7 +291,11 @@ def plot_curve(curve: dict[str, Any], path: Path) -> None:
                 fontsize=8,
                 color="grey",
             )
+        ax.set_xscale("log")  # 100 to 2,000 calls: a linear axis crowds the small counts
         ax.set_yscale("log")
+        calls = sorted({r["calls"] for runs in series.values() for r in runs})
+        ax.set_xticks(calls, [f"{n:,}" for n in calls])
+        ax.minorticks_off()
         ax.set_xlabel("concurrent calls")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

@@ -38,12 +38,27 @@ def bench_core_share(run: Run) -> float:
     return float(run["bench_cpu_s"]) / run["wall_s"] if run["wall_s"] else 0.0
 
 
+def server_core_share(run: Run) -> float | None:
+    """The server's CPU as a share of one core over the run, when it was measured."""
+    cpu = run.get("server_cpu_s")
+    return None if cpu is None or not run["wall_s"] else float(cpu) / run["wall_s"]
+
+
+def others_cores(run: Run) -> float:
+    """How many cores the rest of the machine kept busy, on average, during the run."""
+    return float(run["others_cpu_s"]) / run["wall_s"] if run["wall_s"] else 0.0
+
+
 def bench_bound(run: Run) -> bool:
     """Did the bench client itself fall behind, so its figures measure the bench too?"""
     lag = run["client_loop_lag_ms"]["p99"]
     return (lag is not None and lag >= BENCH_LAG_LIMIT_MS) or bench_core_share(run) >= (
         BENCH_CPU_LIMIT
     )
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _opt(run: Run, key: str, unit: str = "") -> str:
@@ -63,11 +78,15 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
     ("errors", lambda r: f"{r['errors']:,}"),
     ("server CPU s", lambda r: _opt(r, "server_cpu_s")),
     ("server CPU per turn ms", lambda r: _opt(r, "server_cpu_ms_per_turn")),
+    ("server CPU share of a core", lambda r: _share(server_core_share(r))),
     ("server peak RSS MB", lambda r: _opt(r, "server_peak_rss_mb")),
     ("fake model CPU s", lambda r: _opt(r, "fake_llm_cpu_s")),
     ("bench CPU s (share of a core)", lambda r: f"{r['bench_cpu_s']} ({bench_core_share(r):.0%})"),
     ("bench loop lag p50 / p99 ms", lambda r: ms(r["client_loop_lag_ms"])),
-    ("others' CPU s (rest of the machine)", lambda r: str(r["others_cpu_s"])),
+    (
+        "rest of the machine CPU s (cores)",
+        lambda r: f"{r['others_cpu_s']} ({others_cores(r):.2f})",
+    ),
 ]
 
 
