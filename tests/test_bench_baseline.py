@@ -187,7 +187,9 @@ def test_the_block_says_how_it_was_measured() -> None:
     assert "callbrain bench --curve 10" in block and "50 ms, then 50 tokens/s" in block
     row = "| 10 (8 connected) † | callbrain | 40 | 5.0 / 9.0 | 0.5 / 2.0 | 0 | 0 | 0 | 0 | 3.1 "
     assert row + "| 50% | 80.0 | 70.0 ms, 10% | 0.40 |" in block
-    assert "† The bench itself fell behind" in block
+    assert "† The bench itself fell behind" in block and "‡" not in block
+    busy = markdown_block({**curve, "points": [{**run, "others_cpu_s": 6.0}]}, [], Path("p.png"))
+    assert "| 10 (8 connected) † ‡ |" in busy and "‡ The rest of the machine kept" in busy
     assert "(N connected): the other calls did not finish their WebSocket handshake" in block
 
 

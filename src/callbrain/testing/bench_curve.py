@@ -30,9 +30,11 @@ from callbrain.testing.bench import LoadOptions
 from callbrain.testing.bench_report import (
     BENCH_CPU_LIMIT,
     BENCH_LAG_LIMIT_MS,
+    BUSY_MACHINE_CORES,
     Run,
     bench_bound,
     bench_core_share,
+    machine_busy,
     ms,
     other_violations,
     others_cores,
@@ -103,7 +105,7 @@ def _row(run: Run) -> list[str]:
         calls += f" ({run['connected']:,} connected)"
     share = server_core_share(run)
     return [
-        calls + (" †" if bench_bound(run) else ""),
+        calls + (" †" if bench_bound(run) else "") + (" ‡" if machine_busy(run) else ""),
         run["server"],
         f"{run['turns']:,}",
         ms(run["added_latency_ms"], ("p50", "p99")),
@@ -182,6 +184,13 @@ def markdown_block(curve: dict[str, Any], command: list[str], plot: Path) -> str
             f"† The bench itself fell behind at this point (its loop lag p99 reached "
             f"{BENCH_LAG_LIMIT_MS:g} ms, or it used {BENCH_CPU_LIMIT:.0%} of a core): these "
             "latencies are partly the bench's own, not only the server's.",
+            "",
+        ]
+    if any(machine_busy(run) for run in runs):
+        lines += [
+            f"‡ The rest of the machine kept at least {BUSY_MACHINE_CORES:g} of its "
+            f"{curve['machine']['cores']} cores busy during this run (last column): the server, "
+            "the fake model and the bench shared what was left.",
             "",
         ]
     lines += [f"![p99 added latency and ping RTT p99 against calls]({plot.as_posix()})", END]

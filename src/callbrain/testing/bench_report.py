@@ -21,6 +21,9 @@ BENCH_LAG_LIMIT_MS = 50.0
 """Above this p99 of the bench's own loop lag, its latencies are partly the bench's."""
 BENCH_CPU_LIMIT = 0.9
 """At this share of one core the bench (one event loop, one thread) is saturated."""
+BUSY_MACHINE_CORES = 0.5
+"""When the rest of the machine keeps this many cores busy, the server, the fake
+model and the bench compete with it for CPU, and the latencies say so."""
 
 
 def ms(values: dict[str, float | None], keys: tuple[str, ...] | None = None) -> str:
@@ -47,6 +50,11 @@ def server_core_share(run: Run) -> float | None:
 def others_cores(run: Run) -> float:
     """How many cores the rest of the machine kept busy, on average, during the run."""
     return float(run["others_cpu_s"]) / run["wall_s"] if run["wall_s"] else 0.0
+
+
+def machine_busy(run: Run) -> bool:
+    """Did other work on the machine take a share of the CPU during the run?"""
+    return others_cores(run) >= BUSY_MACHINE_CORES
 
 
 def bench_bound(run: Run) -> bool:
@@ -116,6 +124,13 @@ def print_report(result: Run, console: Console, *, title: str = "callbrain bench
                 f"{run['server']}: the bench itself fell behind (loop lag p99 "
                 f"{ms(run['client_loop_lag_ms'], ('p99',))} ms, "
                 f"{bench_core_share(run):.0%} of a core): its latencies are partly the bench's",
+                style="yellow",
+                highlight=False,
+            )
+        if machine_busy(run):
+            console.print(
+                f"{run['server']}: the rest of the machine kept {others_cores(run):.2f} cores busy "
+                "meanwhile: the server, the fake model and the bench shared what was left",
                 style="yellow",
                 highlight=False,
             )
