@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -22,10 +23,10 @@ from callbrain.testing.bench_curve import (
     END,
     markdown_block,
     parse_points,
-    require_plotting,
     write_markdown,
 )
-from callbrain.testing.bench_report import bench_bound
+from callbrain.testing.bench_plot import require_plotting
+from callbrain.testing.bench_report import bench_bound, median_run
 
 BASELINE = Path(__file__).resolve().parents[1] / "benchmarks" / "baseline" / "server.py"
 TINY = ["--duration", "1.5", "--ramp", "0.3", "--pause", "0.2", "--ttft", "0.05"]
@@ -127,17 +128,25 @@ async def test_the_curve_writes_a_table_and_a_png(tmp_path: Path) -> None:
     page = tmp_path / "docs" / "perf.md"
     page.parent.mkdir()
     page.write_text("# Perf\n\nOur own words.\n", encoding="utf-8")
-    code, report, err = await bench_command(
-        "--curve", "2,3", *TINY, "--compare", "baseline", "--markdown", str(page), timeout=240
-    )
+    args = ["--curve", "2,3", "--repeat", "2", *TINY, "--compare", "baseline"]
+    code, report, err = await bench_command(*args, "--markdown", str(page), timeout=300)
     assert code == 0, err
     assert [p["calls"] for p in report["points"]] == [2, 3]
-    assert all(p["compare"]["server"] == "baseline" for p in report["points"])
+    for point in report["points"]:
+        first, second = point["runs"]
+        assert first["compare"]["server"] == second["compare"]["server"] == "baseline"
+        assert first["order"] == ["callbrain", "baseline"]
+        assert second["order"] == ["baseline", "callbrain"]  # the repeat swaps who goes first
     text = page.read_text(encoding="utf-8")
     assert text.startswith("# Perf\n\nOur own words.\n") and BEGIN in text and END in text
-    assert "callbrain bench --curve 2,3 --duration 1.5" in text  # the exact command
-    rows = [line for line in text.splitlines() if line.startswith(("| 2", "| 3"))]
-    assert [row.split(" | ")[1] for row in rows] == ["callbrain", "baseline"] * 2
+    assert "callbrain bench --curve 2,3 --repeat 2 --duration 1.5" in text  # the exact command
+    assert "p99 of each of the 2 runs ms" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| 2", "| 3"))]
+    assert [row[1] for row in rows] == ["callbrain", "baseline"] * 2
+    point = report["points"][0]["runs"]
+    p99s = sorted(run["added_latency_ms"]["p99"] for run in (point[0], point[1]))
+    assert rows[0][4] == " / ".join(f"{v:,.1f}" for v in p99s)  # both runs of the point
+    assert rows[0][3].endswith(f" / {p99s[1]:,.1f}")  # the median of two: the slower
     assert "![p99 added latency and ping RTT p99 against calls](perf.png)" in text
     png = page.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
@@ -182,13 +191,15 @@ def test_the_block_says_how_it_was_measured() -> None:
         "callbrain": "0",
         "load_average_at_start": 1,
     }
-    curve = {"started": "today", "ramp_s": None, "machine": machine, "points": [run]}
+    point = {"calls": 10, "runs": [run]}
+    curve = {"started": "today", "ramp_s": None, "repeat": 1, "machine": machine, "points": [point]}
     block = markdown_block(curve, ["callbrain", "bench", "--curve", "10"], Path("p.png"))
     assert "callbrain bench --curve 10" in block and "50 ms, then 50 tokens/s" in block
     row = "| 10 (8 connected) † | callbrain | 40 | 5.0 / 9.0 | 0.5 / 2.0 | 0 | 0 | 0 | 0 | 3.1 "
     assert row + "| 50% | 80.0 | 70.0 ms, 10% | 0.40 |" in block
     assert "† The bench itself fell behind" in block and "‡" not in block
-    busy = markdown_block({**curve, "points": [{**run, "others_cpu_s": 6.0}]}, [], Path("p.png"))
+    busy_point = {"calls": 10, "runs": [{**run, "others_cpu_s": 6.0}]}
+    busy = markdown_block({**curve, "points": [busy_point]}, [], Path("p.png"))
     assert "| 10 (8 connected) † ‡ |" in busy and "‡ The rest of the machine kept" in busy
     assert "(N connected): the other calls did not finish their WebSocket handshake" in block
 
@@ -213,3 +224,13 @@ def test_without_matplotlib_the_curve_names_the_extra(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'callbrain\[bench\]'"):
         require_plotting()
+
+
+def test_the_median_run_is_a_whole_run_and_of_two_the_slower() -> None:
+    def run(p99: float | None) -> dict[str, Any]:
+        return {"added_latency_ms": {"p99": p99}}
+
+    fast, middle, slow, empty = run(5.0), run(9.0), run(300.0), run(None)
+    assert median_run([slow, fast, middle]) is middle
+    assert median_run([fast, slow]) is slow
+    assert median_run([fast, empty, middle]) is middle  # a run with no sample sorts last

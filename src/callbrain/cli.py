@@ -195,6 +195,14 @@ def bench(
             "ignored) and write --markdown and --plot."
         ),
     ] = None,
+    repeat: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With --curve: runs per point, alternating which server goes first; the "
+            "table shows the median one and every run's p99.",
+        ),
+    ] = 1,
     markdown: Annotated[
         Path, typer.Option(help="With --curve: the Markdown page the table goes in.")
     ] = Path("bench-curve.md"),
@@ -233,7 +241,8 @@ def bench(
     model = FakeModel(ttft_s=ttft, token_rate=token_rate)
     second = compare if compare == BASELINE else _ws_url(compare)
     if curve is not None:
-        from callbrain.testing.bench_curve import curve_to_files, parse_points, require_plotting
+        from callbrain.testing.bench_curve import curve_to_files, parse_points
+        from callbrain.testing.bench_plot import require_plotting
 
         if url is not None:
             _fail("--curve starts its servers itself: give no URL")
@@ -245,7 +254,9 @@ def bench(
         command = ["callbrain", *sys.argv[1:]]
         png = plot or markdown.with_suffix(".png")
         result = _run_bench_loop(
-            curve_to_files(points, options, model, second, (markdown, png), command, console)
+            curve_to_files(
+                points, options, model, second, repeat, (markdown, png), command, console
+            )
         )
     else:
         console.print(

@@ -1,12 +1,15 @@
 """``callbrain bench --curve``: the same load at several call counts, as a
 Markdown table and a PNG plot.
 
-Each point is a whole ``callbrain bench`` run (:func:`run_bench`): a fresh fake
-model, then each server started, loaded and stopped in turn, so no point
-inherits another's connections or memory. The table goes between two marker
-comments in the Markdown file, so a page's own prose around it survives a
-rerun; the command that produced it is written with it. The plot needs
-matplotlib (the ``bench`` extra), imported only when a plot is drawn.
+Each point is one or more whole ``callbrain bench`` runs (:func:`run_bench`): a
+fresh fake model, then each server started, loaded and stopped in turn, so no
+point inherits another's connections or memory. On a shared machine one run's
+p99 can be another process's doing, so ``--repeat`` runs each point again,
+alternating which server goes first, and the table shows the median run (a
+whole run, so a row's figures belong together) next to every run's p99. The
+table goes between two marker comments in the Markdown file, so a page's own
+prose around it survives a rerun; the command that produced it is written with
+it. The plot is :mod:`callbrain.testing.bench_plot`.
 """
 
 from __future__ import annotations
@@ -19,14 +22,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rich.console import Console
 
 from callbrain import __version__
-from callbrain.extras import missing_extra
 from callbrain.testing.bench import LoadOptions
+from callbrain.testing.bench_plot import plot_curve
 from callbrain.testing.bench_report import (
     BENCH_CPU_LIMIT,
     BENCH_LAG_LIMIT_MS,
@@ -34,12 +36,14 @@ from callbrain.testing.bench_report import (
     Run,
     bench_bound,
     bench_core_share,
+    by_p99,
+    by_server,
     machine_busy,
+    median_run,
     ms,
     other_violations,
     others_cores,
     print_report,
-    runs_of,
     server_core_share,
 )
 from callbrain.testing.bench_run import FakeModel, run_bench
@@ -82,33 +86,49 @@ async def run_curve(
     model: FakeModel,
     *,
     compare: str | None,
+    repeat: int = 1,
     on_point: Callable[[Run], None] | None = None,
 ) -> dict[str, Any]:
-    """One bench run per call count, in the order given."""
+    """``repeat`` bench runs per call count, in the order given; the repeats
+    alternate which server goes first, so neither always gets the quieter slot."""
     curve: dict[str, Any] = {
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "ramp_s": options.ramp_s,
+        "repeat": repeat,
         "machine": machine(),
         "points": [],
     }
     for calls in points:
-        result = await run_bench(None, replace(options, calls=calls), model, compare=compare)
-        curve["points"].append(result)
-        if on_point is not None:
-            on_point(result)
+        point: dict[str, Any] = {"calls": calls, "runs": []}
+        for n in range(repeat):
+            result = await run_bench(
+                None,
+                replace(options, calls=calls),
+                model,
+                compare=compare,
+                compare_first=n % 2 == 1,
+            )
+            point["runs"].append(result)
+            if on_point is not None:
+                on_point(result)
+        curve["points"].append(point)
     return curve
 
 
-def _row(run: Run) -> list[str]:
+def _row(run: Run, repeats: list[Run]) -> list[str]:
     calls = f"{run['calls']:,}"
     if run["connected"] < run["calls"]:
         calls += f" ({run['connected']:,} connected)"
     share = server_core_share(run)
-    return [
+    row = [
         calls + (" †" if bench_bound(run) else "") + (" ‡" if machine_busy(run) else ""),
         run["server"],
         f"{run['turns']:,}",
         ms(run["added_latency_ms"], ("p50", "p99")),
+    ]
+    if len(repeats) > 1:
+        row.append(" / ".join(ms(r["added_latency_ms"], ("p99",)) for r in by_p99(repeats)))
+    row += [
         ms(run["ping_rtt_ms"], ("p50", "p99")),
         f"{run['missed_pings']:,}",
         f"{run['stale_frames']:,}",
@@ -120,40 +140,57 @@ def _row(run: Run) -> list[str]:
         f"{ms(run['client_loop_lag_ms'], ('p99',))} ms, {bench_core_share(run):.0%}",
         f"{others_cores(run):.2f}",
     ]
+    return row
 
 
-_HEADER = [
-    "calls",
-    "server",
-    "turns",
-    "added latency p50 / p99 ms",
-    "ping RTT p50 / p99 ms",
-    "missed pings",
-    "stale frames",
-    "incomplete turns",
-    "other violations",
-    "server CPU per turn ms",
-    "server CPU (of a core)",
-    "server peak RSS MB",
-    "bench loop lag p99, bench CPU (of a core)",
-    "rest of the machine (cores busy)",
-]
+def _header(repeat: int) -> list[str]:
+    spread = [f"p99 of each of the {repeat} runs ms"] if repeat > 1 else []
+    return [
+        "calls",
+        "server",
+        "turns",
+        "added latency p50 / p99 ms",
+        *spread,
+        "ping RTT p50 / p99 ms",
+        "missed pings",
+        "stale frames",
+        "incomplete turns",
+        "other violations",
+        "server CPU per turn ms",
+        "server CPU (of a core)",
+        "server peak RSS MB",
+        "bench loop lag p99, bench CPU (of a core)",
+        "rest of the machine (cores busy)",
+    ]
+
+
+def shown_runs(curve: dict[str, Any]) -> list[Run]:
+    """One run per point and server: the median repeat."""
+    return [median_run(runs) for point in curve["points"] for runs in by_server(point).values()]
 
 
 def markdown_table(curve: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
-    for result in curve["points"]:
-        for run in runs_of(result):
-            lines.append("| " + " | ".join(_row(run)) + " |")
+    header = _header(curve["repeat"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for point in curve["points"]:
+        for runs in by_server(point).values():
+            lines.append("| " + " | ".join(_row(median_run(runs), runs)) + " |")
     return "\n".join(lines)
 
 
 def markdown_block(curve: dict[str, Any], command: list[str], plot: Path) -> str:
     """The generated part of the page: how it was measured, the table, the plot."""
-    first = curve["points"][0]
+    first = curve["points"][0]["runs"][0]
     o, fake, m = first["options"], first["fake_llm"], curve["machine"]
     given = curve.get("ramp_s")
     ramp = "at 200 a second" if given is None else f"over {given:g} s"
+    repeat = curve["repeat"]
+    repeats = (
+        f" Each point ran {repeat} times, alternating which server went first; each row is "
+        "the run with the median p99 added latency, and the next column has every run's p99."
+        if repeat > 1
+        else ""
+    )
     lines = [
         BEGIN,
         f"Measured {curve['started']} with:",
@@ -167,12 +204,12 @@ def markdown_block(curve: dict[str, Any], command: list[str], plot: Path) -> str
         f"connect ({ramp}), then talk for {o['duration_s']:g} s: a turn {o['pause_s']:g} s "
         f"(on average) after each reply, {o['interrupt_rate']:.0%} of replies barged in on; the "
         f"fake model answers after {fake['ttft_s'] * 1000:g} ms, then {fake['token_rate']:g} "
-        "tokens/s. The servers run one after the other, each started fresh for its run.",
+        "tokens/s. The servers run one after the other, each started fresh for its run." + repeats,
         "",
         markdown_table(curve),
         "",
     ]
-    runs = [run for result in curve["points"] for run in runs_of(result)]
+    runs = shown_runs(curve)
     if any(run["connected"] < run["calls"] for run in runs):
         lines += [
             "(N connected): the other calls did not finish their WebSocket handshake within "
@@ -211,23 +248,12 @@ def write_markdown(path: Path, block: str, title: str = "Performance") -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def require_plotting() -> ModuleType:
-    """matplotlib's pyplot, drawing to files; MissingExtraError without the extra."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: the plot goes to a file
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise missing_extra("bench", "callbrain bench --curve's plot") from exc
-    return plt
-
-
 async def curve_to_files(
     points: list[int],
     options: LoadOptions,
     model: FakeModel,
     compare: str | None,
+    repeat: int,
     files: tuple[Path, Path],
     command: list[str],
     console: Console,
@@ -236,14 +262,15 @@ async def curve_to_files(
     ends), then the Markdown table and the plot in ``files``."""
     markdown, png = files
     console.print(
-        f"bench --curve: {len(points)} points of {options.duration_s:g} s after the ramp-up",
+        f"bench --curve: {len(points)} points x {repeat} runs of {options.duration_s:g} s "
+        "after the ramp-up",
         highlight=False,
     )
 
     def show(result: Run) -> None:
         print_report(result, console, title=f"callbrain bench: {result['calls']:,} calls")
 
-    curve = await run_curve(points, options, model, compare=compare, on_point=show)
+    curve = await run_curve(points, options, model, compare=compare, repeat=repeat, on_point=show)
     write_files(curve, files, command)
     console.print(f"wrote {markdown} and {png}", highlight=False)
     return curve
@@ -255,65 +282,3 @@ def write_files(curve: dict[str, Any], files: tuple[Path, Path], command: list[s
     plot_curve(curve, png)
     relative = Path(os.path.relpath(png.resolve(), markdown.resolve().parent))
     write_markdown(markdown, markdown_block(curve, command, relative))
-
-
-def plot_curve(curve: dict[str, Any], path: Path) -> None:
-    """p99 added latency and ping RTT p99 against calls, one line per server."""
-    plt = require_plotting()
-    series: dict[str, list[Run]] = {}
-    for result in curve["points"]:
-        for run in runs_of(result):
-            series.setdefault(run["server"], []).append(run)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    panels = (("added_latency_ms", "p99 added latency (ms)"), ("ping_rtt_ms", "ping RTT p99 (ms)"))
-    for ax, (metric, label) in zip(axes, panels, strict=True):
-        for name, runs in series.items():
-            shown = [r for r in runs if r[metric]["p99"] is not None]
-            xs = [r["calls"] for r in shown]
-            line = ax.plot(xs, [max(r[metric]["p99"], 0.1) for r in shown], marker="o", label=name)
-            for r in shown:
-                if r["connected"] < r["calls"]:
-                    ax.annotate(
-                        f"{r['connected']:,} connected",
-                        (r["calls"], max(r[metric]["p99"], 0.1)),
-                        textcoords="offset points",
-                        xytext=(4, -12),
-                        fontsize=7,
-                        color=line[0].get_color(),
-                    )
-            bound = [r for r in shown if bench_bound(r)]
-            if bound:
-                ax.scatter(
-                    [r["calls"] for r in bound],
-                    [max(r[metric]["p99"], 0.1) for r in bound],
-                    s=160,
-                    facecolors="none",
-                    edgecolors=line[0].get_color(),
-                )
-        if metric == "ping_rtt_ms":
-            ax.axhline(5000, color="grey", linestyle="--", linewidth=1)
-            ax.annotate(
-                "Retell reconnects after 5 s",
-                (0.02, 5000),
-                xycoords=("axes fraction", "data"),
-                va="bottom",
-                fontsize=8,
-                color="grey",
-            )
-        ax.set_xscale("log")  # 100 to 2,000 calls: a linear axis crowds the small counts
-        ax.set_yscale("log")
-        calls = sorted({r["calls"] for runs in series.values() for r in runs})
-        ax.set_xticks(calls, [f"{n:,}" for n in calls])
-        ax.minorticks_off()
-        ax.set_xlabel("concurrent calls")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    m = curve["machine"]
-    fig.suptitle(
-        f"callbrain bench, {m['cores']} cores, {curve['started']} "
-        "(circled: the bench itself fell behind)",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -6,6 +6,7 @@ table, so a number is worded and rounded one way wherever it appears.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +102,31 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
 def runs_of(result: Run) -> list[Run]:
     """The main run and the compared one, if any."""
     return [result, *([result["compare"]] if "compare" in result else [])]
+
+
+def by_server(point: dict[str, Any]) -> dict[str, list[Run]]:
+    """A point's runs, grouped by server, in the order they ran."""
+    grouped: dict[str, list[Run]] = {}
+    for result in point["runs"]:
+        for run in runs_of(result):
+            grouped.setdefault(run["server"], []).append(run)
+    return grouped
+
+
+def by_p99(runs: list[Run]) -> list[Run]:
+    """Fastest first by p99 added latency; runs without a sample last."""
+
+    def p99(run: Run) -> float:
+        value = run["added_latency_ms"]["p99"]
+        return math.inf if value is None else float(value)
+
+    return sorted(runs, key=p99)
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The repeat whose p99 added latency is the median (of an even count, the
+    slower middle one). A whole run, so every figure on its row is from one run."""
+    return by_p99(runs)[len(runs) // 2]
 
 
 def print_report(result: Run, console: Console, *, title: str = "callbrain bench") -> None:

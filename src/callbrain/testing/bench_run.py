@@ -292,8 +292,13 @@ async def run_bench(
     *,
     compare: str | None = None,
     fake_llm_port: int | None = None,
+    compare_first: bool = False,
 ) -> dict[str, Any]:
-    """The whole ``callbrain bench`` run: the report as the JSON it prints."""
+    """The whole ``callbrain bench`` run: the report as the JSON it prints.
+
+    ``compare_first`` runs the compared server before the main one (the report
+    keeps the main one on top), so repeated runs can alternate the order.
+    """
     limit = raise_open_files_limit()
     if options.seed is None:  # both servers must get the same calls
         options = replace(options, seed=random.randrange(2**31))
@@ -303,7 +308,6 @@ async def run_bench(
         "open_files_limit": limit,
         "cores": os.cpu_count(),
     }
-    runs: list[dict[str, Any]] = []
     async with contextlib.AsyncExitStack() as stack:
         fake = None
         llm_url = None
@@ -311,8 +315,13 @@ async def run_bench(
             port = fake_llm_port or free_port()
             fake = await stack.enter_async_context(fake_model(model, port))
             llm_url = result["fake_llm"]["url"] = f"http://127.0.0.1:{port}/v1"
-        for target in (url, *([compare] if compare is not None else [])):
-            runs.append(await _run_against(target, options, llm_url, fake))
+        targets = [url, *([compare] if compare is not None else [])]
+        order = list(range(len(targets)))[:: -1 if compare_first else 1]
+        done: dict[int, dict[str, Any]] = {}
+        for i in order:
+            done[i] = await _run_against(targets[i], options, llm_url, fake)
+        runs = [done[i] for i in range(len(targets))]
+        result["order"] = [done[i]["server"] for i in order]
     if fake is not None:
         result["fake_llm"]["cpu_s"] = round(sum(r["fake_llm_cpu_s"] for r in runs), 2)
     # The main run's numbers at the top, so `jq .added_latency_ms.p99` just works.
