@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import orjson
 import typer
@@ -14,6 +14,7 @@ from rich.console import Console
 
 from callbrain import __version__
 from callbrain.agent import Agent, example_agent_path
+from callbrain.extras import MissingExtraError
 from callbrain.logs import LogLevel, configure_logging
 from callbrain.records.cli import calls_app
 from callbrain.server.app import DEFAULT_PREFIX, create_app, server_settings
@@ -202,7 +203,36 @@ def bench(
     ] = "openai",
     compare: Annotated[
         str | None,
-        typer.Option(help="Run the same load against this second server and print ratios."),
+        typer.Option(
+            help="Then run the same load against a second server and print ratios: its URL, "
+            "or 'baseline' to start benchmarks/baseline/server.py (a minimal FastAPI + openai "
+            "server as in Retell's demo) on the same fake model."
+        ),
+    ] = None,
+    curve: Annotated[
+        str | None,
+        typer.Option(
+            help="Call counts, e.g. 100,250,500: run the whole bench at each (--calls is "
+            "ignored) and write --markdown and --plot."
+        ),
+    ] = None,
+    repeat: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With --curve: runs per point, alternating which server goes first; the "
+            "table shows the median one and every run's p99.",
+        ),
+    ] = 1,
+    markdown: Annotated[
+        Path, typer.Option(help="With --curve: the Markdown page the table goes in.")
+    ] = Path("bench-curve.md"),
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --curve: the PNG plot (needs the 'bench' extra). "
+            "Default: the Markdown page's path with .png."
+        ),
     ] = None,
     fake_llm_port: Annotated[
         int | None,
@@ -221,8 +251,11 @@ def bench(
     ] = True,
 ) -> None:
     """Load a server with simulated calls; report added latency, pings and protocol errors."""
+    import sys
+
     from callbrain.testing.bench import LoadOptions
-    from callbrain.testing.bench_run import FakeModel, print_report, run_bench
+    from callbrain.testing.bench_report import print_report
+    from callbrain.testing.bench_run import BASELINE, FakeModel, run_bench
 
     options = LoadOptions(
         calls=calls,
@@ -234,33 +267,61 @@ def bench(
         seed=seed,
     )
     model = FakeModel(ttft_s=ttft, token_rate=token_rate, provider=provider)
-    here = f"callbrain serve (started here, records {'on' if records else 'off'})"
-    console.print(
-        f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
-        f"{url or here}" + (f", then {compare}" if compare else ""),
-        highlight=False,
-    )
-    bench_run = run_bench(
-        _ws_url(url),
-        options,
-        model,
-        compare=_ws_url(compare),
-        fake_llm_port=fake_llm_port,
-        records=records,
-    )
-    try:
-        # uvloop (installed with uvicorn[standard]) halves the simulated callers' own
-        # CPU, which shares the machine with the server being measured.
-        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-            result = runner.run(bench_run)
-    except RuntimeError as exc:
-        _fail(str(exc))
+    second = compare if compare == BASELINE else _ws_url(compare)
+    if curve is not None:
+        from callbrain.testing.bench_curve import curve_to_files, parse_points
+        from callbrain.testing.bench_plot import require_plotting
+
+        if url is not None:
+            _fail("--curve starts its servers itself: give no URL")
+        try:
+            points = parse_points(curve)
+            require_plotting()
+        except (ValueError, MissingExtraError) as exc:
+            _fail(str(exc))
+        command = ["callbrain", *sys.argv[1:]]
+        png = plot or markdown.with_suffix(".png")
+        result = _run_bench_loop(
+            curve_to_files(
+                points, options, model, second, repeat, (markdown, png), command, console
+            )
+        )
+    else:
+        here = f"callbrain serve (started here, records {'on' if records else 'off'})"
+        console.print(
+            f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
+            f"{url or here}" + (f", then {second}" if second else ""),
+            highlight=False,
+        )
+        result = _run_bench_loop(
+            run_bench(
+                _ws_url(url),
+                options,
+                model,
+                compare=second,
+                fake_llm_port=fake_llm_port,
+                records=records,
+            )
+        )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if json_path is not None and str(json_path) == "-":
         typer.echo(text)
     elif json_path is not None:
         json_path.write_text(text + "\n", encoding="utf-8")
-    print_report(result, console if json_path is not None and str(json_path) == "-" else Console())
+    if curve is None:
+        out = console if json_path is not None and str(json_path) == "-" else Console()
+        print_report(result, out)
+
+
+def _run_bench_loop(coroutine: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Run the bench on uvloop; a server that fails to start is a clean error."""
+    try:
+        # uvloop (installed with uvicorn[standard]) halves the simulated callers' own
+        # CPU, which shares the machine with the server being measured.
+        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+            return runner.run(coroutine)
+    except (RuntimeError, MissingExtraError) as exc:
+        _fail(str(exc))
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

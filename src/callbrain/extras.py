@@ -3,7 +3,8 @@
 The core (the server, the OpenAI and Anthropic backends, tools) is what
 ``pip install callbrain`` brings. The rest is an extra, installed only by a
 deployment that uses it: ``local`` (llama.cpp, about 100 MB), ``redis``,
-``testing`` (the terminal chat, the bench), ``records`` (PostgreSQL drivers)
+``testing`` (the terminal chat, the bench), ``bench`` (the bench's curve
+plot), ``records`` (PostgreSQL drivers)
 and ``otel`` (OpenTelemetry). Code that needs one imports it where it is used
 and turns the ImportError into :class:`MissingExtraError`, which names what to
 install.

@@ -9,9 +9,12 @@ latency.
 
 What the bench measures is the server, not its model: the server's model is
 a fake with a fixed time to first token, and *added latency* is the time from
-``response_required`` to the first response frame, minus that fixed time. The
-bench client shares the machine, so it also reports its own event-loop lag:
-when that is high, the latencies are the client's as much as the server's.
+``response_required`` to the first response frame with text in it (what
+Retell can start to speak), minus that fixed time. A frame with no text does
+not count: a server that forwards the model's empty first chunk at once would
+otherwise look faster than its model. The bench client shares the machine, so
+it also reports its own event-loop lag: when that is high, the latencies are
+the client's as much as the server's.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class LoadOptions:
     streams in well under a second but takes seconds to speak, and the caller then
     talks, so 8 s is about the pace of a phone conversation."""
     interrupt_rate: float = 0.2
-    """Share of turns the caller barges in on, after the reply's first chunk."""
+    """Share of turns the caller barges in on, after the reply's first words."""
     ttft_s: float = 0.3
     """The fake model's time to first token, subtracted from the latency."""
     reply_timeout_s: float = 15.0
@@ -85,10 +88,14 @@ class LoadReport:
     error_samples: list[str] = field(default_factory=list)
     client_lag_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    _sampled: set[str] = field(default_factory=set, repr=False)
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, kind: str) -> None:
+        """Count an error; keep the first sample of each ``kind`` (ten at most), so one
+        error repeated on every frame does not hide the others."""
         self.errors += 1
-        if len(self.error_samples) < 10:
+        if len(self.error_samples) < 10 and kind not in self._sampled:
+            self._sampled.add(kind)
             self.error_samples.append(text)
 
     def to_json(self) -> dict[str, Any]:
@@ -164,10 +171,11 @@ async def _call(
             try:
                 await _converse(call, stop_at, options, rng, report)
             except (ConnectionError, ConnectionClosed):
-                report.error(f"{call_id}: the server closed the socket (code {call.close_code})")
+                closed = f"{call_id}: the server closed the socket (code {call.close_code})"
+                report.error(closed, "closed")
             _collect(call.checker, options, report)
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-        report.error(f"{call_id}: could not connect: {exc!r}")
+        report.error(f"{call_id}: could not connect: {exc!r}", "connect")
 
 
 async def _converse(
@@ -217,7 +225,8 @@ async def _converse(
 
 
 def _started(turn: TurnRecord) -> Callable[[object], bool]:
-    return lambda _: turn.first_frame_at is not None
+    """The agent has begun to speak (or finished without a word): a caller can cut in."""
+    return lambda _: turn.first_text_at is not None or turn.completes > 0
 
 
 def _completed(turn: TurnRecord) -> Callable[[object], bool]:
@@ -227,8 +236,12 @@ def _completed(turn: TurnRecord) -> Callable[[object], bool]:
 def _collect(checker: ProtocolChecker, options: LoadOptions, report: LoadReport) -> None:
     checker.finish(time.monotonic())
     for turn in checker.turns.values():
-        if turn.first_frame_at is not None:
-            waited = (turn.first_frame_at - turn.requested_at - options.ttft_s) * 1000
+        # A reply that is deliberately silent (complete, no text) is timed by its frame.
+        answered = turn.first_text_at
+        if answered is None and turn.completes:
+            answered = turn.first_frame_at
+        if answered is not None:
+            waited = (answered - turn.requested_at - options.ttft_s) * 1000
             report.added_latency_ms.append(waited)
     report.ping_rtt_ms.extend(rtt * 1000 for rtt in checker.ping_rtts)
     report.missed_pings += checker.missed_pings
@@ -238,7 +251,7 @@ def _collect(checker: ProtocolChecker, options: LoadOptions, report: LoadReport)
         if violation.rule == "turn_incomplete":
             report.incomplete_turns += 1
         elif violation.rule not in ("ping_missed", "stale_frame"):
-            report.error(str(violation))
+            report.error(str(violation), violation.rule)
 
 
 async def _measure_lag(report: LoadReport, interval: float = 0.1) -> None:

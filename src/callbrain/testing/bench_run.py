@@ -2,32 +2,46 @@
 
 Without a URL the bench starts two processes of its own: ``callbrain fake-llm``
 (the model, with a fixed time to first token and token rate) and ``callbrain
-serve`` on an agent pointed at it, and samples the server's CPU time and peak
-memory while the load runs. They are separate processes so that the server
-gets a core of its own, as it would in production, and so its CPU time is
-its own. ``--compare URL`` then runs the same load against a second server
-(anyone's, pointed at the same fake) and prints the ratios.
+serve`` on an agent pointed at it. They are separate processes so that the
+server gets a core of its own, as it would in production, and so its CPU time
+is its own.
+
+``--compare`` runs the same load against a second server: a URL (anyone's,
+pointed at the same fake with ``--fake-llm-port``), or ``baseline``, which the
+bench starts itself: ``benchmarks/baseline/server.py``, a minimal FastAPI and
+``openai`` server written the way Retell's official demo is, on the same fake
+model. For the comparison to be fair:
+
+* both servers get the same load, call for call: the same options and the same
+  seed (one is drawn for both when none is given);
+* they run one after the other, never at once; each server process lives only
+  for its own run, so the first is gone before the second starts;
+* every server the bench started is measured the same way (psutil on its
+  process: CPU seconds, CPU per caller turn, peak RSS);
+* what else used the machine is reported per run: the fake model's CPU, the
+  bench's own CPU and event-loop lag, and the CPU everything else on the
+  machine used meanwhile (other people's work on a shared box), so a reader can
+  tell a server's numbers from the machine's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
+import random
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from callbrain.extras import missing_extra
 from callbrain.server.app import DEFAULT_PREFIX
@@ -40,6 +54,10 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise missing_extra("testing", "callbrain bench") from exc
 
 _READY_TIMEOUT_S = 60.0
+BASELINE = "baseline"
+"""``--compare baseline``: the bench starts the baseline server itself."""
+CALLBRAIN = "callbrain"
+BASELINE_SCRIPT = Path("benchmarks") / "baseline" / "server.py"
 
 
 @dataclass(frozen=True)
@@ -57,17 +75,21 @@ class FakeModel:
 
 
 @dataclass
-class ProcessUsage:
-    """A child process's CPU time during the load, and its peak resident memory."""
+class RunUsage:
+    """CPU seconds used during one load run, by whom; the server's peak memory."""
 
-    cpu_s: float = 0.0
-    peak_rss_mb: float = 0.0
+    server_cpu_s: float | None = None
+    server_peak_rss_mb: float | None = None
+    fake_llm_cpu_s: float | None = None
+    bench_cpu_s: float = 0.0
+    others_cpu_s: float = 0.0
+    """Busy CPU time of the whole machine minus the processes above."""
 
 
 def raise_open_files_limit() -> int:
     """Thousands of calls need thousands of sockets; lift the soft limit to the hard one.
 
-    Child processes (the server the bench starts) inherit it.
+    Child processes (the servers and the fake model the bench starts) inherit it.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -78,12 +100,10 @@ def raise_open_files_limit() -> int:
 
 
 @contextlib.asynccontextmanager
-async def child(args: list[str], port: int, name: str) -> AsyncIterator[psutil.Process]:
-    """Run ``python -m callbrain *args`` until the block ends; ready once ``port`` accepts."""
+async def child(argv: list[str], port: int, name: str) -> AsyncIterator[psutil.Process]:
+    """Run ``argv`` until the block ends; ready once ``port`` accepts."""
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the process
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "callbrain", *args, stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while True:
@@ -111,38 +131,59 @@ async def child(args: list[str], port: int, name: str) -> AsyncIterator[psutil.P
         log.close()
 
 
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all processes have used since boot, on every core (guest time is
+    inside user). Interrupt time is left out: on loopback it is mostly our own
+    traffic's, and would be blamed on others."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system)
+
+
 @contextlib.asynccontextmanager
-async def sampled(process: psutil.Process | None) -> AsyncIterator[ProcessUsage]:
-    """CPU seconds used by ``process`` inside the block, and its peak RSS."""
-    usage = ProcessUsage()
-    if process is None:
-        yield usage
-        return
+async def measured(
+    server: psutil.Process | None, fake: psutil.Process | None
+) -> AsyncIterator[RunUsage]:
+    """Who used how much CPU inside the block, and the server's peak RSS."""
+    usage = RunUsage()
+    bench = psutil.Process()
+    watched = [p for p in (server, fake, bench) if p is not None]
+    before = {p.pid: _cpu_s(p) for p in watched}
+    machine_before = _machine_busy_s()
 
-    def cpu() -> float:
-        times = process.cpu_times()
-        return float(times.user + times.system)
-
-    def sample() -> None:
-        usage.peak_rss_mb = max(usage.peak_rss_mb, process.memory_info().rss / 2**20)
-
-    async def keep_sampling() -> None:
+    async def sample_memory() -> None:
+        assert server is not None
         while True:
             with contextlib.suppress(psutil.Error):
-                sample()
+                rss = server.memory_info().rss / 2**20
+                usage.server_peak_rss_mb = max(usage.server_peak_rss_mb or 0.0, rss)
             await asyncio.sleep(0.25)
 
-    before = cpu()
-    sampler = asyncio.create_task(keep_sampling())
+    sampler = asyncio.create_task(sample_memory()) if server is not None else None
     try:
         yield usage
     finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
-        with contextlib.suppress(psutil.Error):
-            sample()
-            usage.cpu_s = cpu() - before
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        used: dict[int, float] = {}
+        for p in watched:
+            with contextlib.suppress(psutil.Error):
+                used[p.pid] = _cpu_s(p) - before[p.pid]
+        if server is not None:
+            with contextlib.suppress(psutil.Error):
+                rss = server.memory_info().rss / 2**20
+                usage.server_peak_rss_mb = max(usage.server_peak_rss_mb or 0.0, rss)
+            usage.server_cpu_s = used.get(server.pid)
+        if fake is not None:
+            usage.fake_llm_cpu_s = used.get(fake.pid)
+        usage.bench_cpu_s = used.get(bench.pid, 0.0)
+        usage.others_cpu_s = max(0.0, _machine_busy_s() - machine_before - sum(used.values()))
 
 
 def bench_agent(
@@ -165,12 +206,16 @@ def bench_agent(
     }
 
 
+def _callbrain(*args: str) -> list[str]:
+    return [sys.executable, "-m", "callbrain", *args]
+
+
 @contextlib.asynccontextmanager
 async def fake_model(model: FakeModel, port: int) -> AsyncIterator[psutil.Process]:
     args = ["fake-llm", "--provider", model.provider, "--port", str(port)]
     args += ["--ttft", str(model.ttft_s)]
     args += ["--token-rate", str(model.token_rate), "--text", model.text, "--log-level", "warning"]
-    async with child(args, port, "callbrain fake-llm") as process:
+    async with child(_callbrain(*args), port, "callbrain fake-llm") as process:
         yield process
 
 
@@ -187,24 +232,78 @@ async def callbrain_server(
         spec = bench_agent(llm_url, provider, database)
         agent.write_text(yaml.safe_dump(spec), encoding="utf-8")
         args = ["serve", "--agent", str(agent), "--port", str(port), "--log-level", "warning"]
-        async with child(args, port, "callbrain serve") as process:
+        async with child(_callbrain(*args), port, "callbrain serve") as process:
             yield f"ws://127.0.0.1:{port}{DEFAULT_PREFIX}", process
 
 
+def baseline_script() -> Path:
+    """``benchmarks/baseline/server.py`` of the source tree callbrain runs from, or
+    of the current directory; it is not part of the installed package."""
+    here = Path(__file__).resolve().parents[3]
+    for root in (here, Path.cwd()):
+        if (root / BASELINE_SCRIPT).is_file():
+            return root / BASELINE_SCRIPT
+    raise RuntimeError(
+        f"--compare baseline runs {BASELINE_SCRIPT} from callbrain's source tree, which is "
+        f"not under {here} nor the current directory: run it from a clone of the repository"
+    )
+
+
+@contextlib.asynccontextmanager
+async def baseline_server(llm_url: str) -> AsyncIterator[tuple[str, psutil.Process]]:
+    """The baseline server on the fake model; yields its Retell URL and its process."""
+    script = baseline_script()
+    if importlib.util.find_spec("fastapi") is None:
+        raise missing_extra("dev", "callbrain bench --compare baseline")
+    port = free_port()
+    argv = [sys.executable, str(script), "--port", str(port), "--openai-base-url", llm_url]
+    async with child([*argv, "--api-key", "bench", "--model", "bench"], port, "baseline") as p:
+        yield f"ws://127.0.0.1:{port}/llm-websocket", p
+
+
 async def bench_one(
-    url: str, options: LoadOptions, server: psutil.Process | None
+    target: str,
+    options: LoadOptions,
+    server: psutil.Process | None,
+    fake: psutil.Process | None,
+    *,
+    label: str,
 ) -> dict[str, Any]:
-    """One load run against ``url``; the server's usage when we know its process."""
-    async with sampled(server) as usage:
-        report: LoadReport = await run_load(url, options)
-    result = {"target": url, **report.to_json()}
-    if server is not None:
-        result["server_cpu_s"] = round(usage.cpu_s, 2)
-        result["server_cpu_ms_per_turn"] = (
-            round(usage.cpu_s * 1000 / report.turns, 2) if report.turns else None
-        )
-        result["server_peak_rss_mb"] = round(usage.peak_rss_mb, 1)
+    """One load run against ``target``; the server's usage when we know its process."""
+    async with measured(server, fake) as usage:
+        report: LoadReport = await run_load(target, options)
+    result: dict[str, Any] = {"server": label, "target": target, **report.to_json()}
+    if usage.server_cpu_s is not None:
+        result["server_cpu_s"] = round(usage.server_cpu_s, 2)
+        per_turn = usage.server_cpu_s * 1000 / report.turns if report.turns else None
+        result["server_cpu_ms_per_turn"] = None if per_turn is None else round(per_turn, 2)
+        result["server_peak_rss_mb"] = round(usage.server_peak_rss_mb or 0.0, 1)
+    if usage.fake_llm_cpu_s is not None:
+        result["fake_llm_cpu_s"] = round(usage.fake_llm_cpu_s, 2)
+    result["bench_cpu_s"] = round(usage.bench_cpu_s, 2)
+    result["others_cpu_s"] = round(usage.others_cpu_s, 2)
     return result
+
+
+async def _run_against(
+    target: str | None,
+    options: LoadOptions,
+    llm_url: str | None,
+    fake: psutil.Process | None,
+    model: FakeModel,
+    records: bool,
+) -> dict[str, Any]:
+    """Start the server ``target`` names (None: callbrain), load it, stop it."""
+    if target is None or target == BASELINE:
+        assert llm_url is not None
+        started = (
+            callbrain_server(llm_url, model.provider, records=records)
+            if target is None
+            else baseline_server(llm_url)
+        )
+        async with started as (url, server):
+            return await bench_one(url, options, server, fake, label=target or CALLBRAIN)
+    return await bench_one(target, options, None, fake, label=target)
 
 
 async def run_bench(
@@ -214,11 +313,20 @@ async def run_bench(
     *,
     compare: str | None = None,
     fake_llm_port: int | None = None,
+    compare_first: bool = False,
     records: bool = True,
 ) -> dict[str, Any]:
     """The whole ``callbrain bench`` run: the report as the JSON it prints.
-    ``records``: whether the server started here records its calls."""
+
+    ``compare_first`` runs the compared server before the main one (the report
+    keeps the main one on top), so repeated runs can alternate the order.
+    ``records``: whether the callbrain started here records its calls.
+    """
+    if compare == BASELINE and model.provider != "openai":
+        raise RuntimeError("the baseline server speaks OpenAI's API only: --provider openai")
     limit = raise_open_files_limit()
+    if options.seed is None:  # both servers must get the same calls
+        options = replace(options, seed=random.randrange(2**31))
     result: dict[str, Any] = {
         "options": {**asdict(options), "ramp_s": options.ramp},
         "fake_llm": asdict(model),
@@ -229,24 +337,22 @@ async def run_bench(
         result["records"] = records
     async with contextlib.AsyncExitStack() as stack:
         fake = None
-        if url is None or fake_llm_port is not None:
+        llm_url = None
+        if url is None or fake_llm_port is not None or compare == BASELINE:
             port = fake_llm_port or free_port()
             fake = await stack.enter_async_context(fake_model(model, port))
             # The OpenAI SDK wants /v1 in its base URL; Anthropic's adds it itself.
             suffix = "/v1" if model.provider == "openai" else ""
-            result["fake_llm"]["url"] = f"http://127.0.0.1:{port}{suffix}"
-        server = None
-        if url is None:
-            served = callbrain_server(result["fake_llm"]["url"], model.provider, records=records)
-            target, server = await stack.enter_async_context(served)
-        else:
-            target = url
-        async with sampled(fake) as fake_usage:
-            runs = [await bench_one(target, options, server)]
-            if compare is not None:
-                runs.append(await bench_one(compare, options, None))
-        if fake is not None:
-            result["fake_llm"]["cpu_s"] = round(fake_usage.cpu_s, 2)
+            llm_url = result["fake_llm"]["url"] = f"http://127.0.0.1:{port}{suffix}"
+        targets = [url, *([compare] if compare is not None else [])]
+        order = list(range(len(targets)))[:: -1 if compare_first else 1]
+        done: dict[int, dict[str, Any]] = {}
+        for i in order:
+            done[i] = await _run_against(targets[i], options, llm_url, fake, model, records)
+        runs = [done[i] for i in range(len(targets))]
+        result["order"] = [done[i]["server"] for i in order]
+    if fake is not None:
+        result["fake_llm"]["cpu_s"] = round(sum(r["fake_llm_cpu_s"] for r in runs), 2)
     # The main run's numbers at the top, so `jq .added_latency_ms.p99` just works.
     result = {**runs[0], **result}
     if len(runs) == 2:
@@ -256,50 +362,17 @@ async def run_bench(
 
 
 def ratios(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float | None]:
-    """``second / first`` for each latency percentile (above 1: the second is slower)."""
-    out: dict[str, float | None] = {}
+    """``second / first`` for each latency percentile and the CPU per turn (above 1:
+    the second is slower, or costlier)."""
+    pairs: list[tuple[str, Any, Any]] = []
     for metric in ("added_latency_ms", "ping_rtt_ms"):
         for key, a in first[metric].items():
-            b = second[metric].get(key)
-            ok = isinstance(a, float | int) and isinstance(b, float | int) and a > 0
-            out[f"{metric}.{key}"] = round(b / a, 2) if ok else None
+            pairs.append((f"{metric}.{key}", a, second[metric].get(key)))
+    if "server_cpu_ms_per_turn" in first and "server_cpu_ms_per_turn" in second:
+        cpu = "server_cpu_ms_per_turn"
+        pairs.append((cpu, first[cpu], second[cpu]))
+    out: dict[str, float | None] = {}
+    for name, a, b in pairs:
+        ok = isinstance(a, float | int) and isinstance(b, float | int) and a > 0
+        out[name] = round(b / a, 2) if ok else None
     return out
-
-
-def print_report(result: dict[str, Any], console: Console) -> None:
-    """The report as a table: one column per server run."""
-    runs = [result, *([result["compare"]] if "compare" in result else [])]
-    table = Table(title="callbrain bench", title_justify="left")
-    table.add_column("")
-    for run in runs:
-        table.add_column(run["target"], justify="right")
-    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-        ("calls (connected)", lambda r: f"{r['calls']} ({r['connected']})"),
-        ("turns (interrupted)", lambda r: f"{r['turns']} ({r['interrupted_turns']})"),
-        ("added latency p50 / p95 / p99 ms", lambda r: _ms(r["added_latency_ms"])),
-        ("ping RTT p50 / p99 ms", lambda r: _ms(r["ping_rtt_ms"])),
-        ("missed pings", lambda r: str(r["missed_pings"])),
-        ("stale frames", lambda r: str(r["stale_frames"])),
-        ("incomplete turns", lambda r: str(r["incomplete_turns"])),
-        ("errors", lambda r: str(r["errors"])),
-        ("server CPU s", lambda r: str(r.get("server_cpu_s", "-"))),
-        ("server CPU ms per turn", lambda r: str(r.get("server_cpu_ms_per_turn", "-"))),
-        ("server peak RSS MB", lambda r: str(r.get("server_peak_rss_mb", "-"))),
-        ("bench loop lag p99 ms", lambda r: _ms(r["client_loop_lag_ms"], ("p99",))),
-    ]
-    for label, cell in rows:
-        table.add_row(label, *(cell(run) for run in runs))
-    console.print(table)
-    for run in runs:
-        for sample in run["error_samples"]:
-            console.print(Text("error ", style="red") + Text(sample), highlight=False)
-        if run["errors"] > len(run["error_samples"]):
-            console.print(f"... {run['errors']} errors in all", highlight=False)
-    if "ratios" in result:
-        shown = ", ".join(f"{k} x{v}" for k, v in result["ratios"].items() if v is not None)
-        console.print(f"second / first: {shown}", highlight=False)
-
-
-def _ms(values: dict[str, float | None], keys: tuple[str, ...] | None = None) -> str:
-    chosen = [values[k] for k in (keys or tuple(values))]
-    return " / ".join("-" if v is None else f"{v:.1f}" for v in chosen)
