@@ -32,21 +32,18 @@ from starlette.websockets import WebSocket
 from callbrain.agent import Agent
 from callbrain.call.control import CallHook
 from callbrain.call.record import CallObserver, Observers
-from callbrain.call.session import CLOSE_INTERNAL_ERROR, CallSession
+from callbrain.console import ConsoleAgent, open_console
 from callbrain.llm import LLM
-from callbrain.logs import call_id_var
 from callbrain.observe.telemetry import Telemetry
 from callbrain.server.access import AccessGuard
 from callbrain.server.handler_threads import HandlerThreads
 from callbrain.server.runtime import AgentRuntime
-from callbrain.server.transport import StarletteTransport
 from callbrain.server.webhooks import WebhookHandler, webhook_routes
 from callbrain.stores import Store
 
 logger = logging.getLogger("callbrain.server")
 
 DEFAULT_PREFIX = "/llm-websocket"
-CLOSE_TRY_AGAIN_LATER = 1013
 
 
 def create_app(
@@ -72,9 +69,13 @@ def create_app(
     :mod:`callbrain.call.record`). With ``server.webhooks.api_key`` set,
     ``POST server.webhooks.path`` takes Retell's signed call events and hands
     verified ones to ``on_webhook`` (or the file's ``server.webhooks.handler``).
+    With ``server.console`` on, the web console is at ``/console/`` (see
+    :mod:`callbrain.console`).
     """
     telemetry = Telemetry(agent.server)  # tracing without its extra fails here
-    runtime = AgentRuntime(agent, llm, store, Observers([*telemetry.observers, *observers]))
+    console = open_console(agent.server)  # None unless server.console is on
+    watchers = [*telemetry.observers, *(console.observers if console else ()), *observers]
+    runtime = AgentRuntime(agent, llm, store, Observers(watchers))
     telemetry.know_tools(runtime.toolbox.tools)
     if telemetry.metrics is not None and runtime.recorder is not None:
         recorder = runtime.recorder
@@ -90,42 +91,7 @@ def create_app(
         # Secret, address and max_calls, before accept: a refusal is a bare HTTP 403.
         if not await guard.admit(websocket, active_calls=runtime.active_calls):
             return
-        call_id = websocket.path_params["call_id"]
-        token = call_id_var.set(call_id)
-        if runtime.draining:
-            logger.warning("refused a call: the server is shutting down")
-            runtime.observers.socket_refused("draining")
-            await websocket.close(CLOSE_TRY_AGAIN_LATER)  # before accept: HTTP 403
-            call_id_var.reset(token)
-            return
-        runtime.call_opened()
-        try:
-            await websocket.accept()
-            try:
-                model = await runtime.get_llm()
-            except Exception:
-                logger.exception("cannot start the model for this call")
-                await websocket.close(CLOSE_INTERNAL_ERROR)
-                return
-            session = CallSession(
-                agent,
-                model,
-                StarletteTransport(websocket),
-                call_id,
-                toolbox=runtime.toolbox,
-                on_call_start=on_call_start,
-                limits=agent.server.access,
-                store=runtime.store,
-                observers=runtime.observers,
-            )
-            runtime.sessions.add(session)
-            try:
-                await session.run()
-            finally:
-                runtime.sessions.discard(session)
-        finally:
-            runtime.call_closed()
-            call_id_var.reset(token)
+        await runtime.serve_call(websocket, websocket.path_params["call_id"], on_call_start)
 
     async def healthz(request: Request) -> JSONResponse:
         # 503 while draining, so a load balancer sends new calls elsewhere.
@@ -159,9 +125,15 @@ def create_app(
             Route("/healthz", healthz),
             *telemetry.routes(guard.client_address),
             *webhooks,
+            *(
+                console.routes([ConsoleAgent(agent.name, runtime, on_call_start)], guard)
+                if console
+                else ()
+            ),
         ],
         lifespan=lifespan,
     )
     app.state.runtime = runtime
     app.state.telemetry = telemetry
+    app.state.console = console
     return app

@@ -1,0 +1,675 @@
+// Retell's side of a call, in the browser: a port of callbrain.testing.checker
+// (ProtocolChecker) and callbrain.testing.chat (RetellCall, as `callbrain chat` plays it).
+//
+// The rules and the shapes of the frames a server may send are not restated here:
+// they come from /console/protocol.json, made from the Python checker's RULES and
+// frame models, and a test runs this checker and the Python one over the same
+// frames. No dependency, no build step: an ES module the console serves itself.
+
+// ------------------------------------------------------------------ parsing
+
+// JSON.parse forgets whether 5 was written 5 or 5.0, and rounds integers past
+// 2**53; the Python checker sees both. Where the browser gives each value's source
+// text to the reviver, it is kept here, per object and key.
+const SOURCES = new WeakMap();
+
+export function parseFrame(text) {
+  return JSON.parse(text, function (key, value, context) {
+    if (typeof value === "number" && context && typeof context.source === "string") {
+      let sources = SOURCES.get(this);
+      if (!sources) SOURCES.set(this, (sources = new Map()));
+      sources.set(key, context.source);
+    }
+    return value;
+  });
+}
+
+function source(holder, key) {
+  const sources = SOURCES.get(holder);
+  return sources ? sources.get(key) : undefined;
+}
+
+function isPlainObject(value) {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+// An integer as Python reads JSON: written without a fraction or exponent.
+function isInteger(holder, key) {
+  const value = holder[key];
+  if (typeof value !== "number") return false;
+  const text = source(holder, key);
+  return text === undefined ? Number.isInteger(value) : /^-?\d+$/.test(text);
+}
+
+// Compares the exact value where the source text is known (ids up to 2**63 - 1).
+function compare(holder, key, bound) {
+  const text = source(holder, key);
+  if (text !== undefined && /^-?\d+$/.test(text) && Number.isInteger(bound)) {
+    const a = BigInt(text);
+    const b = BigInt(bound);
+    return a < b ? -1 : a > b ? 1 : 0;
+  }
+  const value = holder[key];
+  return value < bound ? -1 : value > bound ? 1 : 0;
+}
+
+// ------------------------------------------------------- frame shapes (JSON Schema)
+
+// The part of JSON Schema that pydantic writes for the outbound frames, read as
+// pydantic's strict mode reads values: no coercion, booleans are not numbers.
+function valid(holder, key, schema, root) {
+  const value = holder[key];
+  if (schema.$ref) {
+    return valid(holder, key, root.$defs[schema.$ref.split("/").pop()], root);
+  }
+  if (schema.anyOf) return schema.anyOf.some((option) => valid(holder, key, option, root));
+  if ("const" in schema && value !== schema.const) return false;
+  switch (schema.type) {
+    case "null":
+      return value === null;
+    case "boolean":
+      return typeof value === "boolean";
+    case "string":
+      return typeof value === "string";
+    case "integer":
+      if (!isInteger(holder, key)) return false;
+      break;
+    case "number":
+      if (typeof value !== "number") return false;
+      break;
+    case "object":
+      return isPlainObject(value) && validObject(value, schema, root);
+    default:
+      break;
+  }
+  if (typeof value === "number") {
+    const bigEnough = (b, strict) => (strict ? compare(holder, key, b) > 0 : compare(holder, key, b) >= 0);
+    if (schema.minimum !== undefined && !bigEnough(schema.minimum, false)) return false;
+    if (schema.exclusiveMinimum !== undefined && !bigEnough(schema.exclusiveMinimum, true)) return false;
+    if (schema.maximum !== undefined && compare(holder, key, schema.maximum) > 0) return false;
+  }
+  return true;
+}
+
+function validObject(value, schema, root) {
+  const properties = schema.properties || {};
+  for (const name of schema.required || []) {
+    if (!(name in value)) return false;
+  }
+  for (const name of Object.keys(value)) {
+    if (name in properties) {
+      if (!valid(value, name, properties[name], root)) return false;
+    } else if (schema.additionalProperties === false) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// ----------------------------------------------------------------- the checker
+
+const PYTHON_WORD = /[\p{L}\p{N}_][^.!?]*[.!?](\s|$)/u;
+
+function pyStr(value) {
+  if (value === undefined || value === null) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  return typeof value === "string" ? value : JSON.stringify(value);
+}
+
+function isId(value) {
+  return typeof value === "number" && Number.isInteger(value) && value >= 0;
+}
+
+function clip(text, limit = 60) {
+  return text.length <= limit ? text : text.slice(0, limit - 1) + "…";
+}
+
+class Turn {
+  constructor(responseId, requestedAt, reminder = false) {
+    this.responseId = responseId;
+    this.requestedAt = requestedAt;
+    this.reminder = reminder;
+    this.supersededAt = null;
+    this.seenNewerAt = null;
+    this.firstFrameAt = null;
+    this.firstTextAt = null;
+    this.firstSentenceAt = null;
+    this.completedAt = null;
+    this.completes = 0;
+    this.text = "";
+    this.actions = {};
+  }
+
+  get live() {
+    return this.supersededAt === null;
+  }
+}
+
+// Feed it every frame of one call (onSent, onReceived); read .violations.
+// `protocol` is /console/protocol.json. Times are seconds.
+export class ProtocolChecker {
+  constructor(protocol, { pingDeadlineS } = {}) {
+    this.protocol = protocol;
+    this.pingDeadlineS = pingDeadlineS ?? protocol.ping_deadline_s;
+    this.violations = [];
+    this.turns = new Map();
+    this.pingRtts = [];
+    this.staleFrames = 0;
+    this.missedPings = 0;
+    this.received = 0;
+    this.start = null;
+    this.pings = new Map();
+    this.latestId = -1;
+    this.toolCalls = new Set();
+    this.begin = new Turn(0, 0);
+  }
+
+  onSent(frame, at) {
+    this.clock(at);
+    const kind = frame.interaction_type;
+    if (kind === "ping_pong" && isId(frame.timestamp)) {
+      this.pings.set(frame.timestamp, { sentAt: at, reported: false });
+    } else if (kind === "response_required" || kind === "reminder_required") {
+      const rid = frame.response_id;
+      if (isId(rid) && rid > this.latestId) {
+        for (const turn of this.allTurns()) {
+          if (turn.responseId < rid && turn.supersededAt === null) turn.supersededAt = at;
+        }
+        this.latestId = rid;
+        this.turns.set(rid, new Turn(rid, at, kind === "reminder_required"));
+      }
+    }
+  }
+
+  // `raw` is the frame's text, or {binary: byteLength} for a binary frame.
+  onReceived(raw, at) {
+    this.clock(at);
+    this.received += 1;
+    this.checkPings(at);
+    if (typeof raw !== "string") {
+      this.violate("binary_frame", `${raw.binary} bytes`, at);
+      return null;
+    }
+    let frame;
+    try {
+      frame = parseFrame(raw);
+    } catch {
+      frame = null;
+    }
+    if (!isPlainObject(frame)) {
+      this.violate("not_json", clip(raw), at);
+      return null;
+    }
+    const kind = frame.response_type;
+    const schema = typeof kind === "string" ? this.protocol.frames[kind] : undefined;
+    if (schema === undefined) {
+      this.violate("unknown_response_type", `response_type=${JSON.stringify(kind)}`, at);
+      return frame;
+    }
+    this.checkShape(frame, schema, at);
+    if (kind === "config" && this.received > 1) {
+      this.violate("config_not_first", `config arrived as frame ${this.received}`, at);
+    } else if (kind === "ping_pong") {
+      this.onPong(frame, at);
+    } else if (kind === "response") {
+      this.onResponse(frame, at);
+    } else if (kind === "agent_interrupt") {
+      this.checkActions(frame, null, at);
+    } else if (kind === "tool_call_invocation") {
+      this.toolCalls.add(pyStr(frame.tool_call_id));
+    } else if (kind === "tool_call_result" && !this.toolCalls.has(pyStr(frame.tool_call_id))) {
+      this.violate("unmatched_tool_result", `tool_call_id=${pyStr(frame.tool_call_id)}`, at);
+    }
+    return frame;
+  }
+
+  checkPings(now) {
+    for (const ping of this.pings.values()) {
+      if (now - ping.sentAt > this.pingDeadlineS && !ping.reported) {
+        ping.reported = true;
+        this.missedPings += 1;
+        this.violate("ping_missed", `no echo after ${this.pingDeadlineS.toFixed(0)} s`, now);
+      }
+    }
+  }
+
+  finish(at, { requireComplete = true } = {}) {
+    this.checkPings(at);
+    if (requireComplete) {
+      for (const turn of this.turns.values()) {
+        if (turn.live && turn.completes === 0) {
+          this.violate("turn_incomplete", "no content_complete", at, turn.responseId);
+        }
+      }
+    }
+    return this.violations;
+  }
+
+  onPong(frame, at) {
+    const ping = this.pings.get(frame.timestamp);
+    if (ping === undefined) {
+      this.violate("unexpected_pong", `timestamp=${JSON.stringify(frame.timestamp)}`, at);
+      return;
+    }
+    this.pings.delete(frame.timestamp);
+    this.pingRtts.push(at - ping.sentAt);
+    if (at - ping.sentAt > this.pingDeadlineS && !ping.reported) {
+      this.missedPings += 1;
+      this.violate("ping_missed", `echo after ${(at - ping.sentAt).toFixed(1)} s`, at);
+    }
+    // Proof the server read every frame sent before this ping.
+    for (const turn of this.allTurns()) {
+      if (turn.supersededAt !== null && turn.supersededAt <= ping.sentAt) {
+        turn.seenNewerAt = turn.seenNewerAt ?? at;
+      }
+    }
+  }
+
+  onResponse(frame, at) {
+    if (!isInteger(frame, "response_id")) return; // reported as invalid_frame
+    const rid = frame.response_id;
+    const turn = this.turns.get(rid) ?? (rid === 0 ? this.begin : undefined);
+    if (turn === undefined) {
+      this.violate("unrequested_response", "no request had this id", at, rid);
+      return;
+    }
+    // A frame for this id proves the server read every request up to it.
+    for (const older of this.allTurns()) {
+      if (older.responseId < rid && older.supersededAt !== null) {
+        older.seenNewerAt = older.seenNewerAt ?? at;
+      }
+    }
+    if (turn.seenNewerAt !== null) {
+      this.staleFrames += 1;
+      this.violate("stale_frame", `content=${clip(pyStr(frame.content))}`, at, rid);
+      return;
+    }
+    if (turn.completes) this.violate("frame_after_complete", "", at, rid);
+    const content = frame.content;
+    if (turn.firstFrameAt === null) turn.firstFrameAt = at;
+    if (typeof content === "string" && content) {
+      turn.text += content;
+      turn.firstTextAt = turn.firstTextAt ?? at;
+      if (turn.firstSentenceAt === null && PYTHON_WORD.test(turn.text)) turn.firstSentenceAt = at;
+    }
+    this.checkActions(frame, turn, at);
+    if (frame.content_complete === true) {
+      turn.completes += 1;
+      if (turn.completes === 2) this.violate("duplicate_complete", "", at, rid);
+      if (turn.completedAt === null) {
+        turn.completedAt = at;
+        if (turn.firstSentenceAt === null && turn.text.trim()) turn.firstSentenceAt = at;
+      }
+    }
+  }
+
+  checkActions(frame, turn, at) {
+    const chosen = chosenActions(frame, this.protocol.exclusive_actions);
+    const rid = turn ? turn.responseId : null;
+    if (chosen.length > 1) {
+      this.violate("exclusive_actions", `one frame sets ${JSON.stringify(chosen.sort())}`, at, rid);
+      return;
+    }
+    if (turn === null || !chosen.length) return;
+    const before = Object.keys(turn.actions);
+    if (before.length && (before.length !== chosen.length || before.some((k) => !chosen.includes(k)))) {
+      const both = [...new Set([...before, ...chosen])].sort();
+      this.violate("exclusive_actions", `one response sets ${JSON.stringify(both)}`, at, rid);
+    }
+    for (const key of chosen) turn.actions[key] = frame[key];
+  }
+
+  checkShape(frame, schema, at) {
+    const rid = isInteger(frame, "response_id") ? frame.response_id : null;
+    const nulls = Object.keys(frame).filter((key) => frame[key] === null).sort();
+    if (nulls.length) this.violate("null_field", nulls.join(", "), at, rid);
+    // Unknown fields are ignored by Retell: only the known ones are typed.
+    const known = {};
+    const sources = new Map();
+    for (const key of Object.keys(frame)) {
+      if (key in (schema.properties || {}) && frame[key] !== null) {
+        known[key] = frame[key];
+        if (source(frame, key) !== undefined) sources.set(key, source(frame, key));
+      }
+    }
+    SOURCES.set(known, sources);
+    const shaped = validObject(known, schema, schema);
+    // The frame models' own rule: one call action at most (a pydantic validator).
+    const actions = schema.properties && "end_call" in schema.properties;
+    if (!shaped || (actions && chosenActions(known, this.protocol.exclusive_actions).length > 1)) {
+      const kind = String(frame.response_type);
+      this.violate("invalid_frame", `not a valid ${kind} frame`, at, rid);
+    }
+  }
+
+  allTurns() {
+    return [this.begin, ...this.turns.values()];
+  }
+
+  clock(at) {
+    if (this.start === null) this.start = this.begin.requestedAt = at;
+  }
+
+  violate(rule, detail, at, responseId = null) {
+    const start = this.start ?? at;
+    this.violations.push({ rule, detail, at: at - start, responseId, meaning: this.protocol.rules[rule] });
+  }
+}
+
+function chosenActions(frame, names) {
+  return names.filter((key) =>
+    key === "end_call" ? frame[key] === true : frame[key] !== undefined && frame[key] !== null,
+  );
+}
+
+// ----------------------------------------------------------------- the caller
+
+const CLOSE_MEANING = {
+  1000: "a deliberate hang-up",
+  1005: "no status code: Retell reports error_llm_websocket_open",
+  1006: "abnormal, no close frame: Retell would reconnect",
+  1007: "corrupt payload",
+  1011: "a server error",
+};
+
+class Reply {
+  constructor(key, kind) {
+    this.key = key;
+    this.kind = kind; // greeting | reply | reminder | unprompted
+    this.parts = [];
+    this.complete = false;
+    this.interrupted = false;
+    this.action = null; // {end_call: true} | {transfer_number: "..."} | {digit_to_press: "..."}
+    this.warnedLate = false;
+  }
+
+  get text() {
+    return this.parts.join("");
+  }
+}
+
+// One simulated Retell call over a WebSocket, shown through `view`:
+//   view.stream(reply, chunk)        a reply grew
+//   view.ended(reply, how)           "complete" | "interrupted" | "discarded" | "hung up"
+//   view.said(text)                  the caller's line
+//   view.note(text, level)           level: info | warn | error | action
+//   view.tool(frame) / view.toolResult(frame)
+//   view.violation(violation)
+//   view.state(state)                connecting | open | replying | listening | ended
+export class RetellCall {
+  constructor(url, { callId, dynamicVariables = {}, protocol, view, pingIntervalS = 2, pingTimeoutS = 5 }) {
+    this.url = url;
+    this.callId = callId;
+    this.dynamicVariables = dynamicVariables;
+    this.view = view;
+    this.pingIntervalS = pingIntervalS;
+    this.pingTimeoutS = pingTimeoutS;
+    this.checker = new ProtocolChecker(protocol);
+    this.transcript = [];
+    this.replies = new Map([[0, new Reply("r0", "greeting")]]);
+    this.interrupts = new Map();
+    this.latest = 0;
+    this.nextId = 1;
+    this.framesSeen = 0;
+    this.violationsShown = 0;
+    this.sentPings = new Set();
+    this.lastPing = 0;
+    this.lastEcho = 0;
+    this.warnedEcho = false;
+    this.pinger = null;
+    this.closing = false;
+    this.ended = false;
+    this.idle = false;
+    this.config = null;
+    this.lastUpdate = null;
+  }
+
+  now() {
+    return performance.now() / 1000;
+  }
+
+  start() {
+    this.view.state("connecting");
+    const ws = (this.ws = new WebSocket(this.url));
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => this.view.state("open");
+    ws.onmessage = (event) => this.onMessage(event.data);
+    ws.onclose = (event) => this.onClosed(event.code);
+  }
+
+  get replying() {
+    return !this.idle && !this.ended;
+  }
+
+  send(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.checker.onSent(frame, this.now()); // before the send: a fast server may answer first
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  // The caller is typing (speaking): Retell sends the growing utterance as update_only.
+  typing(partial) {
+    const text = partial.trim();
+    if (this.ended || text === this.lastUpdate) return;
+    this.lastUpdate = text;
+    const transcript = text ? [...this.transcript, { role: "user", content: text }] : this.transcript;
+    this.send({ interaction_type: "update_only", transcript, turntaking: "user_turn" });
+  }
+
+  // The caller says `text`, barging in if the agent is speaking. Returns the request's id.
+  say(text) {
+    if (this.ended) return null;
+    this.interruptOpenReplies();
+    this.view.said(text);
+    this.transcript.push({ role: "user", content: text });
+    this.lastUpdate = null;
+    this.send({ interaction_type: "update_only", transcript: this.transcript, turntaking: "agent_turn" });
+    return this.request("reply");
+  }
+
+  // The caller stays silent. Retell asks for no reminder while a reply is open.
+  remind() {
+    if (this.ended) return null;
+    if (this.replying) {
+      this.view.note("the agent is still replying; Retell sends no reminder until it is done", "info");
+      return null;
+    }
+    this.view.note("(the caller stays silent)", "info");
+    return this.request("reminder");
+  }
+
+  request(kind) {
+    const rid = this.nextId++;
+    const interaction = kind === "reminder" ? "reminder_required" : "response_required";
+    this.replies.set(rid, new Reply(`r${rid}`, kind));
+    this.latest = rid;
+    this.idle = false;
+    this.view.state("replying");
+    this.send({ interaction_type: interaction, response_id: rid, transcript: this.transcript });
+    return rid;
+  }
+
+  interruptOpenReplies() {
+    for (const reply of [this.replies.get(this.latest), ...this.interrupts.values()]) {
+      this.cut(reply, "interrupted");
+    }
+  }
+
+  cut(reply, how) {
+    if (!reply || reply.complete || reply.interrupted) return;
+    reply.interrupted = true;
+    // Retell's transcript keeps what the agent got out before it was cut off.
+    if (reply.text) this.transcript.push({ role: "agent", content: reply.text });
+    this.view.ended(reply, how);
+  }
+
+  hangUp() {
+    if (this.ended) return;
+    this.closing = true;
+    const reply = this.replies.get(this.latest);
+    if (this.replying) this.cut(reply, "hung up");
+    this.checker.finish(this.now(), { requireComplete: false });
+    this.showViolations();
+    this.stop();
+    if (this.ws) this.ws.close(1000);
+  }
+
+  stop() {
+    this.ended = true;
+    if (this.pinger !== null) clearInterval(this.pinger);
+    this.pinger = null;
+    this.view.state("ended");
+  }
+
+  onMessage(data) {
+    const raw = typeof data === "string" ? data : { binary: data.byteLength ?? 0 };
+    const frame = this.checker.onReceived(raw, this.now());
+    this.framesSeen += 1;
+    this.showViolations();
+    if (frame === null) return;
+    try {
+      this.dispatch(frame);
+    } catch (error) {
+      this.view.note(`the page failed on a ${frame.response_type} frame: ${error}`, "error");
+    }
+  }
+
+  showViolations() {
+    for (const violation of this.checker.violations.slice(this.violationsShown)) {
+      this.view.violation(violation);
+    }
+    this.violationsShown = this.checker.violations.length;
+  }
+
+  dispatch(frame) {
+    // Retell reads a frame without response_type as a response.
+    const kind = frame.response_type ?? "response";
+    if (kind === "config") this.onConfig(frame);
+    else if (kind === "ping_pong") this.onPong(frame);
+    else if (kind === "response") this.onContent(frame, this.replies.get(frame.response_id));
+    else if (kind === "agent_interrupt") {
+      const iid = frame.interrupt_id;
+      if (!this.interrupts.has(iid)) {
+        // A new interrupt_id discards any earlier interrupt still playing.
+        for (const older of this.interrupts.values()) this.cut(older, "discarded");
+        this.interrupts.set(iid, new Reply(`i${iid}`, "unprompted"));
+      }
+      this.onContent(frame, this.interrupts.get(iid));
+    } else if (kind === "tool_call_invocation") this.view.tool(frame);
+    else if (kind === "tool_call_result") this.view.toolResult(frame);
+    else if (kind === "update_agent") this.view.note(`update_agent ${JSON.stringify(frame.agent_config)}`, "info");
+    else if (kind === "metadata") this.view.note(`metadata ${JSON.stringify(frame.metadata)}`, "info");
+    else this.view.note(`unknown frame ${clip(JSON.stringify(frame), 160)}`, "warn");
+  }
+
+  onConfig(frame) {
+    const flags = isPlainObject(frame.config) ? frame.config : {};
+    const on = Object.keys(flags).filter((name) => flags[name] === true).join(", ") || "nothing on";
+    if (this.framesSeen > 1) {
+      this.view.note(`config (${on}) ignored: it must be the first frame`, "warn");
+      return;
+    }
+    this.config = flags;
+    this.view.note(`config: ${on}`, "info");
+    if (flags.call_details === true) {
+      this.send({ interaction_type: "call_details", call: this.callObject() });
+    }
+    if (flags.auto_reconnect === true) {
+      this.lastEcho = this.now();
+      this.ping();
+      this.pinger = setInterval(() => this.ping(), this.pingIntervalS * 1000);
+    }
+  }
+
+  callObject() {
+    return {
+      call_id: this.callId,
+      call_type: "web_call",
+      agent_id: "agent_callbrain_console",
+      call_status: "registered",
+      direction: "inbound",
+      metadata: { playground: true },
+      retell_llm_dynamic_variables: this.dynamicVariables,
+    };
+  }
+
+  ping() {
+    this.checker.checkPings(this.now());
+    this.showViolations();
+    const silent = this.now() - this.lastEcho;
+    if (silent > this.pingTimeoutS && !this.warnedEcho) {
+      this.warnedEcho = true;
+      this.view.note(`no ping_pong echo for ${silent.toFixed(0)} s: Retell would close this socket and reconnect`, "warn");
+    } else if (this.warnedEcho && silent <= this.pingTimeoutS) {
+      this.warnedEcho = false;
+      this.view.note("ping_pong echoes are back", "info");
+    }
+    this.lastPing = Math.max(Date.now(), this.lastPing + 1); // distinct, so echoes match
+    this.sentPings.add(this.lastPing);
+    this.send({ interaction_type: "ping_pong", timestamp: this.lastPing });
+  }
+
+  onPong(frame) {
+    // Any ping_pong keeps Retell's connection alive; only our own count as echoes.
+    this.lastEcho = this.now();
+    this.sentPings.delete(frame.timestamp);
+  }
+
+  onContent(frame, reply) {
+    // Content for a superseded or never-requested id: Retell drops it silently.
+    if (reply === undefined || reply.interrupted) return;
+    if (reply.complete) {
+      if (!reply.warnedLate) {
+        reply.warnedLate = true;
+        this.view.note(`content after content_complete on ${reply.key} (Retell ignores it)`, "warn");
+      }
+      return;
+    }
+    if (typeof frame.content === "string" && frame.content) {
+      reply.parts.push(frame.content);
+      this.view.stream(reply, frame.content);
+    }
+    for (const name of ["end_call", "transfer_number", "digit_to_press"]) {
+      if (frame[name] !== undefined && frame[name] !== null && frame[name] !== false) {
+        reply.action = { [name]: frame[name] };
+      }
+    }
+    if (frame.content_complete === true) this.onComplete(reply);
+  }
+
+  onComplete(reply) {
+    reply.complete = true;
+    if (reply.text) this.transcript.push({ role: "agent", content: reply.text });
+    this.view.ended(reply, "complete");
+    if (reply.key === `r${this.latest}`) {
+      this.idle = true;
+      this.view.state("listening");
+    }
+    // Actions run once the content has been spoken, which is now.
+    const action = reply.action || {};
+    if (action.end_call) {
+      this.view.note("the agent hung up", "action");
+      this.stop();
+      if (this.ws) this.ws.close(1000);
+      return;
+    }
+    if (action.transfer_number) {
+      this.view.note(`transfer to ${action.transfer_number} (Retell would transfer the call now)`, "action");
+    } else if (action.digit_to_press) {
+      this.view.note(`presses digits ${action.digit_to_press}`, "action");
+    }
+    this.send({ interaction_type: "update_only", transcript: this.transcript, turntaking: "user_turn" });
+  }
+
+  onClosed(code) {
+    if (this.closing || this.ended) {
+      this.stop();
+      return;
+    }
+    const meaning = CLOSE_MEANING[code] ?? "unexpected";
+    this.view.note(`the server closed the socket: code ${code} (${meaning})`, code === 1000 ? "info" : "error");
+    this.stop();
+  }
+}
