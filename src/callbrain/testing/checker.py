@@ -242,7 +242,7 @@ class ProtocolChecker:
 
     def _on_response(self, frame: Frame, at: float) -> None:
         rid = frame.get("response_id")
-        if not isinstance(rid, int) or isinstance(rid, bool):
+        if type(rid) is not int:  # a bool is no id either
             return  # already reported as invalid_frame
         turn = self.turns.get(rid) or (self.begin if rid == 0 else None)
         if turn is None:
@@ -290,7 +290,7 @@ class ProtocolChecker:
         turn.actions.update(chosen)
 
     def _check_shape(self, frame: Frame, model: type[BaseModel], at: float) -> None:
-        rid = frame.get("response_id") if isinstance(frame.get("response_id"), int) else None
+        rid = frame.get("response_id") if type(frame.get("response_id")) is int else None
         nulls = sorted(key for key, value in frame.items() if value is None)
         if nulls:
             self._violate("null_field", ", ".join(nulls), at, rid)

@@ -1,5 +1,5 @@
 // The playground page: set up a call, then show what RetellCall (retell.js) hears.
-import { RetellCall } from "./retell.js";
+import { RetellCall, loadProtocol } from "./retell.js";
 
 const PATH = "/console";
 const $ = (selector) => document.querySelector(selector);
@@ -144,10 +144,7 @@ const view = {
 async function start(event) {
   event.preventDefault();
   if (call && !call.ended) return;
-  if (protocol === null) {
-    const response = await fetch(`${PATH}/protocol.json`, { credentials: "same-origin" });
-    protocol = await response.json();
-  }
+  if (protocol === null) protocol = await loadProtocol(`${PATH}/protocol.json`);
   const agent = agentSelect.value;
   const random = new Uint8Array(8);
   crypto.getRandomValues(random);

@@ -41,16 +41,26 @@ function isInteger(holder, key) {
   return text === undefined ? Number.isInteger(value) : /^-?\d+$/.test(text);
 }
 
-// Compares the exact value where the source text is known (ids up to 2**63 - 1).
-function compare(holder, key, bound) {
+// Compares holder[key] with schema[bound] exactly where both were written as
+// integers (ids go up to 2**63 - 1, past what a number holds).
+function compare(holder, key, schema, bound) {
   const text = source(holder, key);
-  if (text !== undefined && /^-?\d+$/.test(text) && Number.isInteger(bound)) {
+  const limit = source(schema, bound);
+  const integer = /^-?\d+$/;
+  if (text !== undefined && limit !== undefined && integer.test(text) && integer.test(limit)) {
     const a = BigInt(text);
-    const b = BigInt(bound);
+    const b = BigInt(limit);
     return a < b ? -1 : a > b ? 1 : 0;
   }
   const value = holder[key];
-  return value < bound ? -1 : value > bound ? 1 : 0;
+  return value < schema[bound] ? -1 : value > schema[bound] ? 1 : 0;
+}
+
+// The protocol's rules and frame shapes, read as frames are (exact integers).
+export async function loadProtocol(url = "/console/protocol.json") {
+  const response = await fetch(url, { credentials: "same-origin" });
+  if (!response.ok) throw new Error(`${url}: ${response.status}`);
+  return parseFrame(await response.text());
 }
 
 // ------------------------------------------------------- frame shapes (JSON Schema)
@@ -83,10 +93,11 @@ function valid(holder, key, schema, root) {
       break;
   }
   if (typeof value === "number") {
-    const bigEnough = (b, strict) => (strict ? compare(holder, key, b) > 0 : compare(holder, key, b) >= 0);
-    if (schema.minimum !== undefined && !bigEnough(schema.minimum, false)) return false;
-    if (schema.exclusiveMinimum !== undefined && !bigEnough(schema.exclusiveMinimum, true)) return false;
-    if (schema.maximum !== undefined && compare(holder, key, schema.maximum) > 0) return false;
+    if (schema.minimum !== undefined && compare(holder, key, schema, "minimum") < 0) return false;
+    if (schema.exclusiveMinimum !== undefined && compare(holder, key, schema, "exclusiveMinimum") <= 0) {
+      return false;
+    }
+    if (schema.maximum !== undefined && compare(holder, key, schema, "maximum") > 0) return false;
   }
   return true;
 }
