@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,9 +23,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from callbrain.agent import Agent
+from callbrain.call.record import CallRecord, TurnRecord
+from callbrain.console.live import LiveFeed
 from callbrain.console.auth import ConsoleAuth
 from callbrain.console.settings import ConsoleSettings
 from callbrain.records.export import export_scenario, scenario_yaml
+from callbrain.records.settings import RecordsSettings
 from callbrain.server.settings import ServerSettings
 from callbrain.testing import RetellClient
 from callbrain.testing.fake_llm import FakeOpenAIServer, FakeToolCall, Reply
@@ -436,3 +440,47 @@ async def test_with_records_off_the_last_calls_are_still_shown(tmp_path: Path) -
         assert "call_no_db" in page and "records are off" in page
         assert (await http.get("/console/calls/call_no_db")).status_code == 200
         assert (await http.get("/console/calls/call_unknown")).status_code == 404
+
+
+# ------------------------------------------------------------------ live feed
+
+
+def test_a_browser_that_does_not_keep_up_costs_its_queue_and_is_sent_a_snapshot() -> None:
+    feed = LiveFeed(queue_events=8, max_watchers=2)
+    slow, other = feed.watch(), feed.watch()
+    assert slow is not None and other is not None
+    assert feed.watch() is None  # max_watchers
+    call = CallRecord("call_busy", "clinic")
+    feed.call_started(call)
+    for n in range(1, 1000):
+        turn = TurnRecord(n, "response", arrived=time.perf_counter())
+        call.turns.append(turn)
+        feed.turn_started(call, turn)
+        feed.turn_ended(call, turn)
+    assert len(slow.events) <= 8 and slow.lagged  # dropped, to be resynced
+    snapshot = orjson.loads(feed.snapshot().split(b"data: ", 1)[1])
+    assert snapshot["calls"][0]["turns"] == 999
+    feed.unwatch(slow)
+    feed.unwatch(other)
+    feed.call_ended(call)  # nobody watching: nothing made, nothing queued
+    assert feed.find("call_busy") is call and not feed.open
+
+
+async def test_the_live_view_is_redacted_like_the_records(tmp_path: Path) -> None:
+    options = {"console": {}}
+    async with FakeOpenAIServer(Reply("Booked for 555 0199.")) as fake:
+        agent = console_agent(fake, tmp_path / "calls.db", **options)
+        records = RecordsSettings(url=str(tmp_path / "calls.db"), redact="pii")
+        agent = agent.model_copy(
+            update={"server": agent.server.model_copy(update={"records": records})}
+        )
+        async with serve_console(agent) as served, client(served) as http:
+            async with RetellClient.connect(served.retell_url, "call_pii") as call:
+                await call.expect_config()
+                await call.send_call_details({"from_number": "+14155550199"})
+                await call.expect_begin()
+                await call.ask("My number is 415 555 0199")
+                live = (await http.get("/console/calls/call_pii")).text
+                listed = (await http.get("/console/calls")).text
+            for page in (live, listed):
+                assert "0199" not in page and "[number]" in page

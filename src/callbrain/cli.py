@@ -86,7 +86,12 @@ def serve(
         f"({llm.provider}: {model}) from {path}\n"
         f"  WebSocket   ws://{shown_host}:{port}{route}{secret}/{{call_id}}\n"
         f"  Health      http://{shown_host}:{port}/healthz\n"
-        f"  In Retell (agent > Custom LLM URL) paste: [green]wss://<your-public-host>{route}{secret}[/green]\n"
+        + (
+            f"  Console     http://{shown_host}:{port}/console/\n"
+            if application.state.console
+            else ""
+        )
+        + f"  In Retell (agent > Custom LLM URL) paste: [green]wss://<your-public-host>{route}{secret}[/green]\n"
         f"  Retell appends /{{call_id}} itself; terminate TLS at a proxy or tunnel.",
         highlight=False,
         soft_wrap=True,

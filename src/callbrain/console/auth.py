@@ -57,8 +57,12 @@ class ConsoleAuth:
         client_address: ClientAddress,
         *,
         is_trusted_proxy: Callable[[str | None], bool] = lambda _: False,
+        rejections_per_minute: int = 30,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``client_address`` and ``is_trusted_proxy`` are the call socket's rules
+        (:class:`~callbrain.server.access.AccessGuard`); ``rejections_per_minute``
+        its limit on refusals logged per address."""
         self.settings = settings
         self._client_address = client_address
         self._is_trusted_proxy = is_trusted_proxy
@@ -79,7 +83,7 @@ class ConsoleAuth:
         self._key = secrets.token_bytes(32)
         self._revoked: OrderedDict[str, float] = OrderedDict()
         self._attempts = RejectionLimiter(settings.login_attempts_per_minute)
-        self._log_limit = RejectionLimiter(30)
+        self._log_limit = RejectionLimiter(rejections_per_minute)
 
     # ----------------------------------------------------------------- sessions
 

@@ -87,7 +87,10 @@ class WebConsole:
         self.agents = {agent.name: agent for agent in agents}
         self._guard = guard
         self.auth = ConsoleAuth(
-            self.settings, guard.client_address, is_trusted_proxy=guard.is_trusted_proxy
+            self.settings,
+            guard.client_address,
+            is_trusted_proxy=guard.is_trusted_proxy,
+            rejections_per_minute=guard.settings.rejections_per_minute,
         )
         if self.auth.generated_token is not None:
             # The one place this token is ever shown; set server.console.token to choose it.
