@@ -3,6 +3,7 @@ on loopback with its model a scripted fake, and a logged-in HTTP client."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
+from websockets.asyncio.client import connect
 
 from callbrain.agent import Agent
 from callbrain.console.settings import ConsoleSettings
@@ -19,10 +21,12 @@ from callbrain.llm.config import OpenAIConfig
 from callbrain.records.settings import RecordsSettings
 from callbrain.server.app import create_app
 from callbrain.server.settings import ServerSettings
-from callbrain.testing.fake_llm import FakeOpenAIServer
+from callbrain.testing.client import RetellClient
+from callbrain.testing.fake_llm import FakeOpenAIServer, Reply
 from callbrain.testing.serve import serve_asgi
 
 TOKEN = "console-token-for-the-tests-0123"
+HTML = {"Accept": "text/html"}
 SECRETS = {
     "api_key": "sk-test-provider-key-never-shown",
     "socket": "socket-secret-never-shown-4567",
@@ -97,3 +101,45 @@ async def client(served: Served, *, login: bool = True) -> AsyncIterator[httpx.A
             answer = await http.post("/console/login", data={"token": TOKEN}, headers=served.origin)
             assert answer.status_code == 303, answer.text
         yield http
+
+
+@contextlib.asynccontextmanager
+async def console(
+    tmp_path: Path,
+    *replies: Reply,
+    records: bool = True,
+    database: str | None = None,
+    **options: Any,
+) -> AsyncIterator[tuple[Served, FakeOpenAIServer]]:
+    """The console agent served, its model the fake with ``replies``, its records in
+    ``database`` (default: a SQLite file in ``tmp_path``; none with ``records=False``)."""
+    async with FakeOpenAIServer(*replies, default=Reply("Sure.")) as fake:
+        where = (database or tmp_path / "calls.db") if records else None
+        async with serve_console(console_agent(fake, where, **options)) as served:
+            yield served, fake
+
+
+@contextlib.asynccontextmanager
+async def playground_call(
+    served: Served, http: httpx.AsyncClient, call_id: str
+) -> AsyncIterator[RetellClient]:
+    """The browser's side of a playground call, from Python: the session cookie and
+    the console's own origin on the handshake."""
+    cookie = "; ".join(f"{name}={value}" for name, value in http.cookies.items())
+    headers = {"Cookie": cookie, **served.origin}
+    async with connect(served.socket_url(call_id), additional_headers=headers) as ws:
+        call = RetellClient(ws)
+        try:
+            yield call
+        finally:
+            call._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call._reader
+
+
+async def recorded(served: Served) -> None:
+    """Once the server has finished with every call, and written them."""
+    await asyncio.wait_for(served.app.state.runtime.idle.wait(), 10)
+    recorder = served.app.state.runtime.recorder
+    if recorder is not None:
+        await recorder.flush()

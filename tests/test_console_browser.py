@@ -394,7 +394,7 @@ def _id(value: int | None) -> Any:
 
 
 BROWSER_VERDICTS = """async (sequences) => {
-  const { ProtocolChecker, loadProtocol } = await import("/console/static/retell.js");
+  const { ProtocolChecker, loadProtocol } = await import("/console/static/checker.js");
   const protocol = await loadProtocol();
   return sequences.map((sequence) => {
     const checker = new ProtocolChecker(protocol);

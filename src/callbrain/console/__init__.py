@@ -8,7 +8,8 @@ and waterfall, and a playground to talk to an agent by typing.
 * :mod:`.web` and :mod:`.pages`: the routes, mounted by ``create_app``;
 * ``templates/`` and ``static/``: the pages and their scripts, shipped in the
   package (no build step, nothing loaded from elsewhere). ``static/retell.js``
-  plays Retell's side of a call in the browser, with the protocol checker's rules.
+  plays Retell's side of a call in the browser, ``static/checker.js`` checks it
+  with the Python protocol checker's rules.
 
 Nothing here is imported unless the console is on.
 """

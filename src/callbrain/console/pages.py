@@ -200,7 +200,7 @@ async def playground_page(request: Request) -> Response:
 
 
 async def protocol(request: Request) -> Response:
-    """The checker's rules and the outbound frames' shapes, for ``static/retell.js``:
+    """The checker's rules and the outbound frames' shapes, for ``static/checker.js``:
     the rules are the Python checker's, stated once."""
     return JSONResponse(protocol_document())
 

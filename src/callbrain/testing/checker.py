@@ -55,7 +55,7 @@ FRAME_MODELS: dict[str, type[BaseModel]] = {
     "metadata": MetadataFrame,
 }
 """Each ``response_type`` and the model its frames must fit (the console's
-``static/retell.js`` gets their JSON schemas, so its checker types frames alike)."""
+``static/checker.js`` gets their JSON schemas, so its checker types frames alike)."""
 ACTIONS = ("end_call", "transfer_number", "digit_to_press")
 _SENTENCE_END = re.compile(r"\w[^.!?]*[.!?](\s|$)")
 
@@ -77,7 +77,7 @@ RULES: dict[str, str] = {
     "turn_incomplete": "a live request that never got content_complete",
 }
 """Every rule the checker enforces, with what it means. The console's checker in
-the browser (``callbrain/console/static/retell.js``) enforces the same ones; a
+the browser (``callbrain/console/static/checker.js``) enforces the same ones; a
 test runs both over the same frames."""
 
 
