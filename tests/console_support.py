@@ -37,7 +37,7 @@ SECRETS = {
 
 def console_agent(
     fake: FakeOpenAIServer,
-    database: Path | str | None,
+    database: Path | str | RecordsSettings | None,
     *,
     console: dict[str, Any] | None = None,
     wait_for_call_details: bool = False,
@@ -60,12 +60,18 @@ def console_agent(
                 "access": {"secret": SECRETS["socket"]},
                 "webhooks": {"api_key": SECRETS["webhook"]},
                 "metrics": {"token": SECRETS["metrics"]},
-                "records": False if database is None else RecordsSettings(url=str(database)),
+                "records": _records(database),
                 "console": ConsoleSettings.model_validate({"token": TOKEN, **(console or {})}),
                 **server,
             }
         ),
     )
+
+
+def _records(database: Path | str | RecordsSettings | None) -> RecordsSettings | bool:
+    if database is None:
+        return False
+    return database if isinstance(database, RecordsSettings) else RecordsSettings(url=str(database))
 
 
 @dataclass
@@ -108,7 +114,7 @@ async def console(
     tmp_path: Path,
     *replies: Reply,
     records: bool = True,
-    database: str | None = None,
+    database: str | RecordsSettings | None = None,
     **options: Any,
 ) -> AsyncIterator[tuple[Served, FakeOpenAIServer]]:
     """The console agent served, its model the fake with ``replies``, its records in

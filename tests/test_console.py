@@ -172,6 +172,44 @@ async def test_the_scenario_download_is_callbrain_calls_export(tmp_path: Path) -
         )
 
 
+async def test_a_call_that_just_ended_is_shown_whole_before_its_records_are_written(
+    tmp_path: Path,
+) -> None:
+    # Written only when flushed: the database is behind at will.
+    slow_writes = RecordsSettings(url=str(tmp_path / "calls.db"), flush_interval_s=3600)
+    replies = [Reply("First answer."), Reply("Second answer.")]
+    served_console = console(tmp_path, *replies, database=slow_writes)
+    async with served_console as (served, _), client(served) as http:
+        async with RetellClient.connect(served.retell_url, "call_behind") as call:
+            await call.expect_config()
+            await call.expect_begin()
+            await call.ask("One?")
+            await served.app.state.runtime.recorder.flush()  # the first turn only
+            await call.ask("Two?")
+        await asyncio.wait_for(served.app.state.runtime.idle.wait(), 10)
+        page = (await http.get("/console/calls/call_behind")).text
+        assert "Second answer." in page and "hangup" in page
+        await served.app.state.runtime.recorder.flush()
+        page = (await http.get("/console/calls/call_behind")).text
+        assert "Second answer." in page
+
+
+async def test_a_turn_that_failed_shows_why_and_the_caller_heard_the_fallback(
+    tmp_path: Path,
+) -> None:
+    async with (
+        console(tmp_path, Reply(status=500)) as (served, _),
+        client(served) as http,
+        RetellClient.connect(served.retell_url, "call_failing") as call,
+    ):
+        await call.expect_config()
+        await call.expect_begin()
+        await call.ask("Hello?")
+        page = (await http.get("/console/calls/call_failing")).text
+    assert 'class="error-line"' in page and "500" in page
+    assert "outcome-fallback" in page
+
+
 async def test_with_records_off_the_last_calls_are_still_shown(tmp_path: Path) -> None:
     async with console(tmp_path, records=False) as (served, _), client(served) as http:
         async with RetellClient.connect(served.retell_url, "call_no_db") as call:

@@ -169,6 +169,7 @@ async def test_a_new_user_talks_to_the_agent_and_reads_the_waterfall(
         Reply("", tool_calls=[FakeToolCall("check_availability", {"day": "tuesday"})]),
         Reply("On Tuesday I have nine, ten thirty and one.", stall_after=3),  # cut in on
         Reply("Thursday at one works.", ttft=0.05),
+        Reply("Are you still there?"),
     )
     async with logged_in(browser, served, DESKTOP) as page:
         await walk_through(page, served, fake, shots, tmp_path)
@@ -217,6 +218,9 @@ async def walk_through(
     assert await page.inner_text("[data-reply=r2] .text") == "Thursday at one works."
     assert await page.is_visible("#checks-none")
     assert await page.locator("#violations li").count() == 0
+    # The caller stays silent: Retell asks for a reminder.
+    await page.click("#remind")
+    await page.wait_for_selector("[data-reply=r3][data-end=complete]")
     await screenshot(page, "console-playground", shots, full_page=True)
     await page.click("#hangup")
     await calls.wait_for_selector(f"#recent-calls tr[data-call-id='{call_id}'] .end-hangup")
@@ -226,7 +230,8 @@ async def walk_through(
     await served.app.state.runtime.recorder.flush()
     await page.goto(f"/console/calls/{call_id}")
     rows = page.locator("tr.wf-turn")
-    assert await rows.count() == 3
+    assert await rows.count() == 4
+    assert await page.get_attribute("tr.wf-turn[data-response-id='3']", "data-kind") == "reminder"
     steps = {
         await row.get_attribute("data-response-id"): await row.locator(
             "rect[data-step]"

@@ -189,18 +189,24 @@ class WebConsole:
         return any(agent.runtime.draining for agent in self.agents.values())
 
     async def find_call(self, call_id: str) -> Call | None:
-        """A call in progress from memory, else the database's record (which has
-        every socket of it), else one that ended here lately, not written yet."""
+        """A call in progress from memory; else the database's record (which has
+        every socket of it), unless it is behind what this server kept of a call
+        that ended moments ago (records are written within about a second)."""
+        from callbrain.records.read import load_call
+
         record = self.feed.find(call_id)
         if record is not None and record.end == "open":
             return self.feed.call(call_id)
+        kept = self.feed.call(call_id)
         for recorder in self.recorders():
-            from callbrain.records.read import load_call
-
             found: Call | None = await self.read(recorder, lambda c: load_call(c, call_id))
-            if found is not None:
-                return found
-        return self.feed.call(call_id)
+            if found is None:
+                continue
+            behind = found["end"] == "open" or len(found["turns"]) < len(
+                kept["turns"] if kept else []
+            )
+            return kept if kept is not None and behind else found
+        return kept
 
     def recorders(self) -> list[Any]:
         """The agents' recorders, one per database."""
