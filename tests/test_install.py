@@ -17,6 +17,7 @@ import sys
 import venv
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -65,6 +66,8 @@ def test_the_core_install_serves_an_openai_agent(installed: Path, tmp_path: Path
                         "name": "wheel",
                         "begin_message": "Hi.",
                         "llm": {"provider": "openai", "base_url": fake.base_url, "api_key": "k"},
+                        # Its pages and scripts ship inside the wheel, Jinja2 with the core.
+                        "server": {"console": {"token": "wheel-console-token-0123"}},
                     }
                 )
             )
@@ -78,6 +81,11 @@ def test_the_core_install_serves_an_openai_agent(installed: Path, tmp_path: Path
                 assert server.stdout is not None
                 while b"listening on http://" not in (line := await server.stdout.readline()):
                     assert line, "callbrain serve exited before it was ready"
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                    for path in ("/console/login", "/console/static/retell.js"):
+                        page = await http.get(path)
+                        assert page.status_code == 200, path
+                    assert "Login token" in (await http.get("/console/login")).text
                 url = f"ws://127.0.0.1:{port}/llm-websocket"
                 async with RetellClient.connect(url, "wheel-call") as call:
                     await call.expect_config()

@@ -126,6 +126,8 @@ def announce(
     extra = [("Health", f"http://{base}/healthz")]
     if settings.metrics.enabled:
         extra.append(("Metrics", f"http://{base}/metrics"))
+    if settings.console:
+        extra.append(("Console", f"http://{base}/console/"))
     if json:
         for agent, path, pasted in entries:
             logger.info(

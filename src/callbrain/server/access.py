@@ -112,6 +112,13 @@ class RejectionLimiter:
             return "log"
         return "suppress" if window.count == self.per_minute + 1 else "quiet"
 
+    def count(self, key: str) -> int:
+        """Refusals of ``key`` in its current window (0 when it has none)."""
+        window = self._windows.get(key)
+        if window is None or self._clock() - window.start >= _WINDOW_S:
+            return 0
+        return window.count
+
 
 # ------------------------------------------------------------------ addresses
 
@@ -194,6 +201,11 @@ class AccessGuard:
                 return address
         return address  # every hop is a trusted proxy: the left-most one called
 
+    def is_trusted_proxy(self, peer: str | None) -> bool:
+        """Whether ``peer`` (a socket peer's address) is one of ``trusted_proxies``."""
+        address = None if peer is None else parse_address(peer)
+        return address is not None and _within(address, self.settings.trusted_proxies)
+
     async def admit(self, websocket: WebSocket, *, active_calls: int) -> bool:
         """True to go on and accept. Otherwise the handshake has been refused (HTTP
         403, no frame) and logged, within the rate limit, without the secret."""
@@ -250,10 +262,16 @@ class AccessGuard:
             return "address", "address not in allow_ips"
         if not self.secret_matches(presented):
             return "secret", "no secret given" if presented is None else "wrong secret"
-        limit = self.settings.max_calls
-        if limit is not None and calls >= limit:
+        if self.full(calls):
+            limit = self.settings.max_calls
             return "max_calls", f"too many calls ({calls} in progress, max_calls is {limit})"
         return None
+
+    def full(self, active_calls: int) -> bool:
+        """Whether ``max_calls`` calls are in progress already (the console's
+        playground calls count and are refused too)."""
+        limit = self.settings.max_calls
+        return limit is not None and active_calls >= limit
 
     def _shown_path(self, websocket: WebSocket, *, only_first: bool = False) -> str:
         """The request path as logs may show it: the secret segment, the token and

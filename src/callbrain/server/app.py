@@ -48,17 +48,15 @@ from starlette.websockets import WebSocket
 from callbrain.agent import Agent
 from callbrain.call.control import CallHook
 from callbrain.call.record import CallObserver, Observers
-from callbrain.call.session import CLOSE_INTERNAL_ERROR, CallSession
+from callbrain.console import ConsoleAgent, open_console
 from callbrain.errors import AgentConfigError
 from callbrain.llm import LLM
-from callbrain.logs import call_id_var
 from callbrain.observe.telemetry import Telemetry
 from callbrain.records import open_recorder
 from callbrain.server.access import AccessGuard
 from callbrain.server.handler_threads import HandlerThreads
 from callbrain.server.runtime import AgentRuntime
 from callbrain.server.settings import ServerSettings
-from callbrain.server.transport import StarletteTransport
 from callbrain.server.webhooks import WebhookHandler, webhook_routes
 from callbrain.stores import Store
 
@@ -134,7 +132,8 @@ def create_app(
     about every call and turn as they go (see :mod:`callbrain.call.record`). With
     ``server.webhooks.api_key`` set, ``POST server.webhooks.path`` takes Retell's
     signed call events and hands verified ones to ``on_webhook`` (or the file's
-    ``server.webhooks.handler``).
+    ``server.webhooks.handler``). With ``server.console`` on, the web console is
+    at ``/console/`` (see :mod:`callbrain.console`).
 
     Raises :class:`AgentConfigError` for anything that would fail a call: a tool
     that does not import, a missing API key or model file, two agents with one
@@ -145,9 +144,14 @@ def create_app(
         raise AgentConfigError("no agent to serve")
     settings = server_settings(agents)
     telemetry = Telemetry(settings)  # tracing without its extra fails here
+    console = open_console(settings)  # None unless server.console is on
     # One recorder for the process (the records are the process's, not an agent's).
     recorder = open_recorder(settings.records)
-    ours = [*telemetry.observers, *([recorder] if recorder is not None else [])]
+    ours = [
+        *telemetry.observers,
+        *([recorder] if recorder is not None else []),
+        *(console.observers if console else ()),
+    ]
     shared = Observers([*ours, *observers])
     runtimes: dict[str, AgentRuntime] = {}
     for each in agents:
@@ -184,19 +188,7 @@ def create_app(
         # Secret, address and max_calls, before accept: a refusal is a bare HTTP 403.
         if not await guard.admit(websocket, active_calls=active_calls()):
             return
-        call_id = websocket.path_params["call_id"]
-        token = call_id_var.set(call_id)
-        try:
-            if runtime.draining:
-                await guard.refuse(websocket, "draining", "the server is shutting down")
-                return
-            runtime.call_opened()
-            try:
-                await _run_session(websocket, runtime, call_id, on_call_start)
-            finally:
-                runtime.call_closed()
-        finally:
-            call_id_var.reset(token)
+        await runtime.serve_call(websocket, websocket.path_params["call_id"], on_call_start)
 
     async def only_agent(websocket: WebSocket) -> None:
         assert only is not None  # the short routes exist with one agent only
@@ -262,6 +254,13 @@ def create_app(
             Route("/healthz", healthz),
             *telemetry.routes(guard.client_address),
             *webhooks,
+            *(
+                console.routes(
+                    [ConsoleAgent(name, r, on_call_start) for name, r in runtimes.items()], guard
+                )
+                if console
+                else ()
+            ),
             WebSocketRoute("/{path:path}", unknown_path),  # last: whatever matched nothing
         ],
         lifespan=lifespan,
@@ -269,32 +268,5 @@ def create_app(
     app.state.runtimes = list(runtimes.values())
     app.state.runtime = app.state.runtimes[0]
     app.state.telemetry = telemetry
+    app.state.console = console
     return app
-
-
-async def _run_session(
-    websocket: WebSocket, runtime: AgentRuntime, call_id: str, on_call_start: CallHook | None
-) -> None:
-    await websocket.accept()
-    try:
-        model = await runtime.get_llm()
-    except Exception:
-        logger.exception("cannot start the model for this call")
-        await websocket.close(CLOSE_INTERNAL_ERROR)
-        return
-    session = CallSession(
-        runtime.agent,
-        model,
-        StarletteTransport(websocket),
-        call_id,
-        toolbox=runtime.toolbox,
-        on_call_start=on_call_start,
-        limits=runtime.settings.access,
-        store=runtime.store,
-        observers=runtime.observers,
-    )
-    runtime.sessions.add(session)
-    try:
-        await session.run()
-    finally:
-        runtime.sessions.discard(session)

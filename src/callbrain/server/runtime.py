@@ -20,24 +20,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
+
+from starlette.websockets import WebSocket
 
 from callbrain.agent import Agent
+from callbrain.call.control import CallHook
 from callbrain.call.conversation import build_chat_request, render_template
 from callbrain.call.record import Observers
-from callbrain.call.session import CallSession
+from callbrain.call.session import CLOSE_INTERNAL_ERROR, CallSession
 from callbrain.call.variables import call_variables, turn_variables
 from callbrain.errors import AgentConfigError, StartupError
 from callbrain.extras import MissingExtraError
 from callbrain.llm import LLM, ChatRequest, LLMConfig, LLMError, create_llm
 from callbrain.llm.failover import FailoverLLM
+from callbrain.logs import call_id_var
 from callbrain.records.recorder import CallRecorder
 from callbrain.retell.frames import Utterance
 from callbrain.server.settings import ServerSettings
+from callbrain.server.transport import StarletteTransport
 from callbrain.stores import GuardedStore, Store, open_store
 from callbrain.tools.idempotency import ResultStore
 from callbrain.tools.runner import Toolbox
 
 logger = logging.getLogger("callbrain.server")
+
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 def llm_entries(agent: Agent) -> list[tuple[str, LLMConfig]]:
@@ -149,6 +157,54 @@ class AgentRuntime:
             tools=[tool.spec for tool in self.toolbox.tools.values()],
         )
         return request
+
+    async def serve_call(
+        self,
+        websocket: WebSocket,
+        call_id: str,
+        on_call_start: CallHook | None = None,
+        *,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        """Serve one call socket that its route has admitted (the agent's route
+        after the access guard, or the console's playground after its login),
+        from ``accept`` to the close. ``tags`` go on the call's record."""
+        token = call_id_var.set(call_id)
+        if self.draining:
+            logger.warning("refused a call: the server is shutting down")
+            self.observers.socket_refused("draining")
+            await websocket.close(CLOSE_TRY_AGAIN_LATER)  # before accept: HTTP 403
+            call_id_var.reset(token)
+            return
+        self.call_opened()
+        try:
+            await websocket.accept()
+            try:
+                model = await self.get_llm()
+            except Exception:
+                logger.exception("cannot start the model for this call")
+                await websocket.close(CLOSE_INTERNAL_ERROR)
+                return
+            session = CallSession(
+                self.agent,
+                model,
+                StarletteTransport(websocket),
+                call_id,
+                toolbox=self.toolbox,
+                on_call_start=on_call_start,
+                limits=self.settings.access,
+                store=self.store,
+                observers=self.observers,
+                tags=tags,
+            )
+            self.sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                self.sessions.discard(session)
+        finally:
+            self.call_closed()
+            call_id_var.reset(token)
 
     def call_opened(self) -> None:
         """A socket was admitted (before its session exists: the model may still load)."""

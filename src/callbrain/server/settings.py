@@ -13,6 +13,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from callbrain.console.settings import ConsoleSettings
 from callbrain.observe.settings import MetricsSettings, TracingSettings
 from callbrain.records.settings import RecordsSettings
 
@@ -134,6 +135,9 @@ class ServerSettings(_Settings):
     records: RecordsSettings | bool = True
     """Every call and turn in a database (see docs/call-records.md): ``false``
     turns it off; ``true``, the default SQLite file; a mapping, the settings."""
+    console: ConsoleSettings | bool = False
+    """The web console at ``/console/`` (see docs/console.md): ``true`` turns it
+    on with a login token made at start-up; a mapping, the settings."""
     drain_s: float = Field(default=30.0, ge=0)
     """On SIGTERM: how long calls in progress may go on before their open turns
     are finished and their connections dropped (so Retell reconnects elsewhere)."""

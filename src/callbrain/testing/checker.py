@@ -44,7 +44,7 @@ Frame = dict[str, Any]
 PING_DEADLINE_S = 5.0
 """Retell closes the socket when pongs stop for about 5 s (with ``auto_reconnect``)."""
 
-_MODELS: dict[str, type[BaseModel]] = {
+FRAME_MODELS: dict[str, type[BaseModel]] = {
     "config": ConfigFrame,
     "ping_pong": PingPongFrame,
     "response": ResponseFrame,
@@ -54,7 +54,9 @@ _MODELS: dict[str, type[BaseModel]] = {
     "tool_call_result": ToolCallResultFrame,
     "metadata": MetadataFrame,
 }
-_ACTIONS = ("end_call", "transfer_number", "digit_to_press")
+"""Each ``response_type`` and the model its frames must fit (the console's
+``static/checker.js`` gets their JSON schemas, so its checker types frames alike)."""
+ACTIONS = ("end_call", "transfer_number", "digit_to_press")
 _SENTENCE_END = re.compile(r"\w[^.!?]*[.!?](\s|$)")
 
 RULES: dict[str, str] = {
@@ -74,7 +76,9 @@ RULES: dict[str, str] = {
     "unmatched_tool_result": "a tool_call_result with no tool_call_invocation before it",
     "turn_incomplete": "a live request that never got content_complete",
 }
-"""Every rule the checker enforces, with what it means."""
+"""Every rule the checker enforces, with what it means. The console's checker in
+the browser (``callbrain/console/static/checker.js``) enforces the same ones; a
+test runs both over the same frames."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,7 @@ class ProtocolChecker:
             self._violate("not_json", _clip(raw), at)
             return None
         kind = frame.get("response_type")
-        model = _MODELS.get(kind) if isinstance(kind, str) else None
+        model = FRAME_MODELS.get(kind) if isinstance(kind, str) else None
         if model is None:
             self._violate("unknown_response_type", f"response_type={kind!r}", at)
             return frame
@@ -238,7 +242,7 @@ class ProtocolChecker:
 
     def _on_response(self, frame: Frame, at: float) -> None:
         rid = frame.get("response_id")
-        if not isinstance(rid, int):
+        if type(rid) is not int:  # a bool is no id either
             return  # already reported as invalid_frame
         turn = self.turns.get(rid) or (self.begin if rid == 0 else None)
         if turn is None:
@@ -273,7 +277,7 @@ class ProtocolChecker:
                     turn.first_sentence_at = at  # a last sentence without its full stop
 
     def _check_actions(self, frame: Frame, turn: TurnRecord | None, at: float) -> None:
-        chosen = {key: frame[key] for key in _ACTIONS if _is_action(key, frame.get(key))}
+        chosen = {key: frame[key] for key in ACTIONS if _is_action(key, frame.get(key))}
         rid = turn.response_id if turn else None
         if len(chosen) > 1:
             self._violate("exclusive_actions", f"one frame sets {sorted(chosen)}", at, rid)
@@ -286,7 +290,7 @@ class ProtocolChecker:
         turn.actions.update(chosen)
 
     def _check_shape(self, frame: Frame, model: type[BaseModel], at: float) -> None:
-        rid = frame.get("response_id") if isinstance(frame.get("response_id"), int) else None
+        rid = frame.get("response_id") if type(frame.get("response_id")) is int else None
         nulls = sorted(key for key, value in frame.items() if value is None)
         if nulls:
             self._violate("null_field", ", ".join(nulls), at, rid)
