@@ -32,7 +32,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from callbrain.agent import Agent
 from callbrain.call.control import CallControl
 from callbrain.testing import FakeOpenAIServer, FakeToolCall, Reply, RetellClient, serve_agent
-from callbrain.testing.chat import ChatCall, ConsoleOutput
+from callbrain.testing.chat import ChatCall
+from callbrain.testing.chat_output import ConsoleOutput
 from callbrain.testing.client import agent, call_url, user
 from callbrain.tools import tool
 

@@ -1,29 +1,19 @@
 """One call: the glue between the socket, the response ledger and the turns.
 
 A :class:`CallSession` serves one Retell socket from the ``config`` frame to
-the close. It owns little logic of its own; the rules live elsewhere, each in
-one place:
+the close. The rules live elsewhere, each in one place: which ``response_id``
+may speak and which owes a ``content_complete`` (:mod:`~callbrain.retell.ledger`),
+what a frame must pass to be acted on (:mod:`~callbrain.call.inbound`), what a
+response does and when the fallback line is spoken (:mod:`~callbrain.call.turn`,
+built by :mod:`~callbrain.call.responder`), how every frame is written
+(:mod:`~callbrain.call.sender`), the socket's life (:mod:`~callbrain.call.state`)
+and what survives a reconnect (:mod:`~callbrain.call.memory`).
 
-* which ``response_id`` may speak and which one still owes a
-  ``content_complete`` is :class:`~callbrain.retell.ledger.ResponseLedger`;
-* what a response does (speak, call tools, speak again, the fallback line) is
-  :class:`~callbrain.call.turn.Turn`;
-* the socket's life is :class:`~callbrain.call.state.Lifecycle`;
-* what survives a reconnect is :class:`~callbrain.call.memory.MemoryKeeper`.
-
-What the session does itself:
-
-* reads frames and answers ``ping_pong`` from the read loop, so a pong never
-  waits behind a generation;
-* runs each ``response_required`` / ``reminder_required`` as its own task; a
-  newer request cancels the older one at once, which closes its provider
-  stream (see :mod:`callbrain.llm.base`);
-* sends every frame of a response through :meth:`CallSession._send_response`,
-  which asks the ledger under the send lock, so no frame for a superseded id
-  goes out after the newer request arrived and no id completes twice; a frame
-  that cannot be built (a bad action value) is sent without what broke it, so
-  the live id still gets its ``content_complete``;
-* skips a malformed frame with a log line; the call goes on.
+What the session does itself: it answers ``ping_pong`` from the read loop, so
+a pong never waits behind a generation; it runs each request as its own task,
+and a newer request cancels the older one at once, which closes its provider
+stream; it greets, restores and remembers the call, and finishes its turns
+for a shutdown.
 
 Cancelling :meth:`CallSession.run` is safe at any point: the turn tasks are
 cancelled, side-effecting tools finish in the background, and the call's
@@ -42,10 +32,10 @@ from callbrain.agent import Agent
 from callbrain.call.control import CallControl, CallHook
 from callbrain.call.conversation import (
     ToolExchange,
-    fit_transcript,
     last_caller_text,
     render_template,
 )
+from callbrain.call.inbound import InboundFrames
 from callbrain.call.memory import CallMemory, MemoryKeeper
 from callbrain.call.record import CallLog, CallRecord, Observers, TurnOutcome, TurnRecord
 from callbrain.call.responder import Responder
@@ -57,17 +47,13 @@ from callbrain.retell.frames import (
     CallDetails,
     ConfigFlags,
     ConfigFrame,
-    FrameError,
     OutboundFrame,
     PingPong,
     PingPongFrame,
     ReminderRequired,
-    ResponseRequired,
     TurnRequest,
-    UnknownInteraction,
     UpdateOnly,
     Utterance,
-    parse_inbound,
 )
 from callbrain.retell.ledger import BEGIN_ID, ResponseLedger
 from callbrain.server.settings import AccessSettings
@@ -136,9 +122,9 @@ class CallSession:
         self._sender = Sender(transport, self.ledger, self.lifecycle)
         self._on_call_start = on_call_start
         self._limits = limits if limits is not None else agent.server.access
+        self._inbound = InboundFrames(self._limits, self._observers, self.record)
         self._memory = MemoryKeeper(store, call_id, on_restored=self._resume_late)
         self._sockets = 1
-        self._transcript_cut = False  # the first cut is a warning, later ones debug
         self._turn: asyncio.Task[None] | None = None
         self._begin: asyncio.Task[None] | None = None
         self._hook: asyncio.Task[None] | None = None
@@ -216,31 +202,12 @@ class CallSession:
         logger.info("call ended (%s)", self.record.end)
 
     async def _dispatch(self, raw: str | bytes) -> None:
-        if isinstance(raw, bytes):
-            logger.warning("ignored a binary frame (%d bytes); Retell sends only text", len(raw))
-            self._observers.frame_ignored(self.record, "binary")
-            return
-        try:
-            frame = parse_inbound(raw)
-        except UnknownInteraction as exc:
-            logger.info("ignored frame: %s", exc)
-            self._observers.frame_ignored(self.record, "unknown_type")
-            return
-        except FrameError as exc:
-            logger.warning("ignored malformed frame (%d chars): %s", len(raw), exc)
-            self._observers.frame_ignored(self.record, "malformed")
+        frame = self._inbound.read(raw)
+        if frame is None:
             return
         if isinstance(frame, PingPong):
             await self.send_frame(PingPongFrame(timestamp=frame.timestamp))
-            return
-        if not isinstance(frame, ResponseRequired | ReminderRequired) and self._oversized(raw):
-            return  # a request is answered whatever its size: trimmed below
-        if isinstance(frame, UpdateOnly | ResponseRequired | ReminderRequired):
-            frame, cut = fit_transcript(frame, self._limits.max_transcript_chars)
-            if cut is not None:
-                logger.log(logging.DEBUG if self._transcript_cut else logging.WARNING, "%s", cut)
-                self._transcript_cut = True
-        if isinstance(frame, UpdateOnly):
+        elif isinstance(frame, UpdateOnly):
             self.transcript = frame.transcript
             if frame.turntaking is not None:
                 self.turntaking = frame.turntaking
@@ -252,18 +219,6 @@ class CallSession:
             logger.debug("call details received (%d dynamic variables)", len(self.variables))
         else:
             self._on_turn_request(frame)
-
-    def _oversized(self, raw: str) -> bool:
-        size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
-        if size <= self._limits.max_frame_bytes:
-            return False
-        logger.warning(
-            "ignored a %d-byte frame: over max_frame_bytes (%d); the call goes on",
-            size,
-            self._limits.max_frame_bytes,
-        )
-        self._observers.frame_ignored(self.record, "oversized")
-        return True
 
     def _take_call_details(self, call: dict[str, Any]) -> None:
         self.call = call

@@ -11,44 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-from rich.console import Console
 from rich.text import Text
 from websockets.exceptions import ConnectionClosed
 
 from callbrain.retell.frames import PING_INTERVAL_S
+from callbrain.testing.chat_output import (
+    CLOSE_MEANING,
+    HELP,
+    ChatOutput,
+    Kind,
+    action_name,
+    compact,
+    prefix,
+    shorten,
+)
 from callbrain.testing.checker import RULES, ProtocolChecker
 from callbrain.testing.client import Frame, agent, user
-
-HELP = (
-    "Type what the caller says and press Enter. Starting to type while the agent speaks "
-    "interrupts it, as speaking over it does on a call.",
-    "/remind  stay silent: Retell asks the agent for a reminder",
-    "/quit    hang up (Ctrl-D and Ctrl-C too)",
-    "/help    this help",
-)
-
-# What Retell makes of a close code from the server (see the protocol reference, 1.5).
-_CLOSE_MEANING = {
-    1000: "a deliberate hang-up",
-    1005: "no status code: Retell reports error_llm_websocket_open",
-    1006: "abnormal, no close frame: Retell would reconnect",
-    1007: "corrupt payload",
-    1011: "a server error",
-}
-_RESULT_CHARS = 160
-
-Kind = Literal["greeting", "reply", "reminder", "unprompted"]
-_PREFIX: dict[Kind, str] = {
-    "greeting": "agent: ",
-    "reply": "agent: ",
-    "reminder": "agent (reminder): ",
-    "unprompted": "agent (unprompted): ",
-}
 
 
 class Connection(Protocol):
@@ -63,61 +45,6 @@ class Connection(Protocol):
     async def update(self, turntaking: str | None = None) -> None: ...
     async def request(self, *, reminder: bool = False, response_id: int | None = None) -> int: ...
     async def close(self) -> None: ...
-
-
-class ChatOutput(Protocol):
-    """Where the conversation is shown. A streaming line is keyed, so the sink decides
-    how to show other lines printed while it is still open."""
-
-    def stream(self, key: str, prefix: Text, text: Text) -> None:
-        """Add ``text`` to the open line ``key``, started with ``prefix`` if new."""
-
-    def end_stream(self, key: str, prefix: Text, suffix: Text) -> None:
-        """Close line ``key`` with ``suffix`` (a line of its own if ``key`` was never opened)."""
-
-    def line(self, text: Text) -> None:
-        """Show one whole line."""
-
-
-class ConsoleOutput:
-    """A :class:`ChatOutput` that writes lines in order to a rich console (a pipe or a
-    terminal without a prompt). A line printed while another streams breaks it; the
-    rest of the streaming line continues after an ellipsis."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self._open: str | None = None
-        self._started: set[str] = set()
-
-    def _print(self, text: Text, end: str = "\n") -> None:
-        # soft_wrap: long replies stay on one line in a pipe instead of wrapping at 80.
-        self.console.print(text, end=end, soft_wrap=True, highlight=False)
-        self.console.file.flush()
-
-    def _break(self) -> None:
-        if self._open is not None:
-            self._print(Text())
-            self._open = None
-
-    def stream(self, key: str, prefix: Text, text: Text) -> None:
-        if self._open != key:
-            self._break()
-            self._print(prefix + ("... " if key in self._started else ""), end="")
-            self._started.add(key)
-            self._open = key
-            text = lstrip(text)  # the prefix ends in a space
-        self._print(text, end="")
-
-    def end_stream(self, key: str, prefix: Text, suffix: Text) -> None:
-        if self._open == key:
-            self._print(suffix)
-            self._open = None
-        else:
-            self.line(prefix + lstrip(suffix))
-
-    def line(self, text: Text) -> None:
-        self._break()
-        self._print(text)
 
 
 @dataclass
@@ -191,7 +118,7 @@ class ChatCall:
         if self.replying and not reply.interrupted:
             reply.interrupted = True
             self.output.end_stream(
-                reply.key, _prefix(reply.kind), Text(" [caller hung up]", style="red")
+                reply.key, prefix(reply.kind), Text(" [caller hung up]", style="red")
             )
         for task in self._tasks:
             task.cancel()
@@ -305,9 +232,9 @@ class ChatCall:
         # Retell's transcript keeps what the agent got out before it was cut off.
         if reply.text:
             self.connection.transcript.append(agent(reply.text))
-        dropped = f" (its {_action_name(reply.action)} is dropped)" if reply.action else ""
+        dropped = f" (its {action_name(reply.action)} is dropped)" if reply.action else ""
         self.output.end_stream(
-            reply.key, _prefix(reply.kind), Text(f" [{why}]{dropped}", style="red")
+            reply.key, prefix(reply.kind), Text(f" [{why}]{dropped}", style="red")
         )
 
     # ------------------------------------------------------------------- frames
@@ -361,16 +288,16 @@ class ChatCall:
                 self._interrupts[iid] = _Reply(f"i{iid}", "unprompted")
             await self._on_content(frame, self._interrupts[iid])
         elif kind == "tool_call_invocation":
-            arguments = _shorten(str(frame.get("arguments", "")))
+            arguments = shorten(str(frame.get("arguments", "")))
             self.output.line(Text(f"  tool   {frame.get('name')} {arguments}", style="yellow"))
         elif kind == "tool_call_result":
             self._on_tool_result(frame)
         elif kind == "update_agent":
-            self._note(f"update_agent {_compact(frame.get('agent_config'))}")
+            self._note(f"update_agent {compact(frame.get('agent_config'))}")
         elif kind == "metadata":
-            self._note(f"metadata {_compact(frame.get('metadata'))}")
+            self._note(f"metadata {compact(frame.get('metadata'))}")
         else:
-            self._note(f"unknown frame {_shorten(_compact(frame))}", "yellow")
+            self._note(f"unknown frame {shorten(compact(frame))}", "yellow")
 
     async def _on_config(self, frame: Frame) -> None:
         raw = frame.get("config")
@@ -415,7 +342,7 @@ class ChatCall:
         content = frame.get("content")
         if isinstance(content, str) and content:
             reply.parts.append(content)
-            self.output.stream(reply.key, _prefix(reply.kind), Text(content))
+            self.output.stream(reply.key, prefix(reply.kind), Text(content))
         for name in ("end_call", "transfer_number", "digit_to_press"):
             if frame.get(name) not in (None, False):
                 reply.action = {name: frame[name]}
@@ -425,12 +352,12 @@ class ChatCall:
     async def _on_complete(self, reply: _Reply) -> None:
         reply.complete = True
         if reply.text:
-            self.output.end_stream(reply.key, _prefix(reply.kind), Text())
+            self.output.end_stream(reply.key, prefix(reply.kind), Text())
             self.connection.transcript.append(agent(reply.text))
         else:
             silent = "(no greeting: the caller speaks first)" if reply.kind == "greeting" else ""
             self.output.end_stream(
-                reply.key, _prefix(reply.kind), Text(silent or "(says nothing)", style="dim")
+                reply.key, prefix(reply.kind), Text(silent or "(says nothing)", style="dim")
             )
         if reply.key == f"r{self._latest}":
             self._idle.set()
@@ -453,7 +380,7 @@ class ChatCall:
         status, style = ("ok", "green") if ok is True else ("failed", "red")
         if not isinstance(ok, bool):
             status, style = "done", "yellow"
-        content = _shorten(str(frame.get("content", "")))
+        content = shorten(str(frame.get("content", "")))
         self.output.line(
             Text("  result ", style="yellow") + Text(status, style=style) + f" {content}"
         )
@@ -462,7 +389,7 @@ class ChatCall:
         if self._closing or self.ended.is_set():
             return
         code = self.connection.close_code
-        meaning = _CLOSE_MEANING.get(code or 0, "unexpected")
+        meaning = CLOSE_MEANING.get(code or 0, "unexpected")
         self.output.line(
             Text(f"the server closed the socket: code {code} ({meaning})", style="red")
         )
@@ -507,28 +434,6 @@ class ChatCall:
         self.output.line(Text(text, style=style))
 
 
-def lstrip(text: Text) -> Text:
-    """``text`` without leading spaces, for when it starts a line after a prefix."""
-    return Text(text.plain.lstrip(), style=text.style)
-
-
-def _prefix(kind: Kind) -> Text:
-    return Text(_PREFIX[kind], style="bold cyan")
-
-
 def _int(frame: Frame, key: str) -> int:
     value = frame.get(key)
     return value if isinstance(value, int) else -1
-
-
-def _action_name(action: Frame) -> str:
-    return {"end_call": "hang-up", "transfer_number": "transfer"}.get(next(iter(action)), "digits")
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def _shorten(text: str, limit: int = _RESULT_CHARS) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

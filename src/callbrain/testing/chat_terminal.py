@@ -28,7 +28,8 @@ from callbrain.agent import Agent, example_agent_path
 from callbrain.extras import missing_extra
 from callbrain.server.app import DEFAULT_PREFIX, create_app
 from callbrain.startup import UsageError, fail, model_label, reporting
-from callbrain.testing.chat import ChatCall, ChatOutput, ConsoleOutput, lstrip
+from callbrain.testing.chat import ChatCall
+from callbrain.testing.chat_output import ChatOutput, ConsoleOutput, lstrip
 from callbrain.testing.client import RetellClient, call_url, websocket_url
 from callbrain.testing.serve import serve_asgi
 
