@@ -27,6 +27,9 @@ def clinic_agent(fake: FakeOpenAIServer, records: RecordsSettings | bool) -> Age
         llm=OpenAIConfig(provider="openai", base_url=fake.base_url, api_key="k", max_retries=0),
         tools=[check_availability, book_appointment],
         server=ServerSettings(records=records),
+        # The plain path: these tests time the model from the request's arrival
+        # (a speculated answer starts before it; tests/test_speculation.py).
+        speculation={"enabled": False},
     )
 
 

@@ -119,7 +119,11 @@ async def test_a_call_is_a_tree_of_call_turn_chat_and_tool_spans(fake: FakeOpenA
     }
     assert response.attributes is not None
     assert response.attributes["callbrain.turn.outcome"] == "completed"
-    assert [event.name for event in response.events] == ["first_frame"]
+    # The answer was started from the caller's update_only, before the request came
+    # (speculation, on by default): the request's arrival is an event in the turn.
+    assert response.attributes is not None
+    assert response.attributes["callbrain.turn.speculation"] == "hit"
+    assert [event.name for event in response.events] == ["request", "first_frame"]
 
     chats = sorted(named(spans, "chat test-model"), key=lambda s: s.start_time or 0)
     [tool] = named(spans, "execute_tool check_availability")

@@ -194,6 +194,25 @@ def bench(
     ttft: Annotated[
         float, typer.Option(min=0, help="The fake model's seconds to first token.")
     ] = 0.3,
+    ttft_max: Annotated[
+        float | None,
+        typer.Option(min=0, help="Draw the first token's time between --ttft and this."),
+    ] = None,
+    final_update_ms: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="The caller's finished words arrive in an update_only this long before "
+            "each request, as Retell sends them. 0: together.",
+        ),
+    ] = 0.0,
+    speculation: Annotated[
+        bool,
+        typer.Option(
+            "--speculation/--no-speculation",
+            help="Whether the server started here starts answers from update_only.",
+        ),
+    ] = False,
     token_rate: Annotated[
         float, typer.Option(min=1, help="The fake model's tokens per second.")
     ] = 50.0,
@@ -264,9 +283,10 @@ def bench(
         pause_s=pause,
         interrupt_rate=interrupt_rate,
         ttft_s=ttft,
+        final_update_s=final_update_ms / 1000,
         seed=seed,
     )
-    model = FakeModel(ttft_s=ttft, token_rate=token_rate, provider=provider)
+    model = FakeModel(ttft_s=ttft, ttft_max_s=ttft_max, token_rate=token_rate, provider=provider)
     second = compare if compare == BASELINE else _ws_url(compare)
     if curve is not None:
         from callbrain.testing.bench_curve import curve_to_files, parse_points
@@ -301,6 +321,7 @@ def bench(
                 compare=second,
                 fake_llm_port=fake_llm_port,
                 records=records,
+                speculation=speculation,
             )
         )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

@@ -99,6 +99,8 @@ class TurnRecord:
     speculation_wasted: int = 0
     """Output chunks (about a token each) of speculative answers dropped since the
     previous request."""
+    speculative_requests: int = 0
+    """Model requests started before this request arrived (the used one included)."""
 
     def timings_ms(self) -> dict[str, float | None]:
         """Milliseconds from the request's arrival to each step (None if not reached)."""

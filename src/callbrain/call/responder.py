@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from callbrain.agent import Agent
 from callbrain.call.conversation import ToolExchange, build_chat_request
 from callbrain.call.record import TurnRecord
-from callbrain.call.speculation import Speculator
+from callbrain.call.speculation import Speculator, Taken
 from callbrain.call.turn import ResponseSender, Turn
 from callbrain.llm.base import LLM, CompletionStream
 from callbrain.llm.chat import ChatRequest
@@ -48,7 +48,8 @@ class Responder:
         self._history = history
         self._holding_lines = 0
         spec = agent.speculation
-        self.speculator = Speculator(llm, spec) if spec.enabled else None
+        enabled = spec.enabled if spec.enabled is not None else agent.llm.provider != "local"
+        self.speculator = Speculator(llm, spec) if enabled else None
 
     def request(self, frame: TurnRequest | UpdateOnly) -> ChatRequest:
         """The model request answering ``frame``'s transcript."""
@@ -73,7 +74,7 @@ class Responder:
         """The turn for ``frame`` (its request is built inside it, so a request
         that cannot be built ends in the fallback line like any other failure)."""
         if isinstance(frame, ReminderRequired) and self.speculator is not None:
-            record.speculation_wasted = self.speculator.drop()  # never for a reminder
+            _spent(record, self.speculator.drop())  # never for a reminder
         held = None if isinstance(frame, ReminderRequired) else self._held(record)
         return Turn(
             record=record,
@@ -105,8 +106,10 @@ class Responder:
             return None
 
         def open_first(request: ChatRequest) -> CompletionStream:
-            held, missed, record.speculation_wasted = speculator.take(request)
-            record.speculation = "hit" if held is not None else "miss" if missed else None
+            taken = speculator.take(request)
+            _spent(record, taken)
+            held = taken.stream
+            record.speculation = "hit" if held is not None else "miss" if taken.missed else None
             return held if held is not None else self.llm.chat(request)
 
         return open_first
@@ -122,3 +125,8 @@ class Responder:
     async def aclose(self) -> None:
         if self.speculator is not None:
             await self.speculator.aclose()
+
+
+def _spent(record: TurnRecord, taken: Taken) -> None:
+    record.speculation_wasted = taken.wasted
+    record.speculative_requests = taken.requests

@@ -35,6 +35,7 @@ import contextlib
 import re
 import time
 from collections.abc import Hashable
+from dataclasses import dataclass
 from types import TracebackType
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,8 +52,13 @@ class SpeculationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = False
-    """Start the model on the caller's finished sentence, before Retell asks."""
+    enabled: bool | None = None
+    """Start the model on the caller's finished sentence, before Retell asks.
+    Unset: on for hosted models, off for ``provider: local``, whose wasted
+    requests would cost this machine's own CPU. Measured with ``callbrain
+    bench``: the caller hears the first words about as much sooner as Retell's
+    turn-taking waits (300 ms in the bench), for about a fifth more model
+    requests (docs/performance.md)."""
     max_per_turn: int = Field(default=2, ge=1, le=10)
     """Speculative model requests at most between two requests from Retell."""
 
@@ -138,6 +144,20 @@ class HeldStream:
         await self.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What a request found held: the stream it can use, and the speculations'
+    cost since the previous request."""
+
+    stream: HeldStream | None
+    missed: bool
+    """A held answer did not match and was dropped."""
+    wasted: int
+    """Output chunks of dropped speculations (about a token each)."""
+    requests: int
+    """Speculative model requests made (the used one included)."""
+
+
 class Speculator:
     """One call's speculation (see the module docstring)."""
 
@@ -148,6 +168,7 @@ class Speculator:
         self._key: Hashable = None
         self._started = 0
         self._wasted = 0
+        self._requests = 0
         self._closing: set[asyncio.Task[None]] = set()
 
     def consider(self, request: ChatRequest) -> None:
@@ -166,27 +187,29 @@ class Speculator:
         self._drop()
         self._held, self._key = HeldStream(self._llm, request), key
         self._started += 1
+        self._requests += 1
 
-    def take(self, request: ChatRequest) -> tuple[HeldStream | None, bool, int]:
+    def take(self, request: ChatRequest) -> Taken:
         """For Retell's request: the held stream if it answers ``request`` (else it
-        is dropped), whether a held one was dropped (a miss), and the output
-        chunks wasted on speculations since the last request."""
+        is dropped), and what the speculations since the last request cost."""
         held, key = self._held, self._key
         self._held, self._key, self._started = None, None, 0
         missed = held is not None and key != signature(request)
         if held is not None and missed:
             self._close(held)
             held = None
-        wasted, self._wasted = self._wasted, 0
-        return held, missed, wasted
+        taken = Taken(held, missed, self._wasted, self._requests)
+        self._wasted = self._requests = 0
+        return taken
 
-    def drop(self) -> int:
-        """Drop what is held (a reminder, a shutdown, the end of the call); the
-        chunks wasted since the last request."""
+    def drop(self) -> Taken:
+        """Drop what is held (a reminder, a shutdown, the end of the call); what
+        the speculations since the last request cost."""
         self._drop()
         self._started = 0
-        wasted, self._wasted = self._wasted, 0
-        return wasted
+        taken = Taken(None, False, self._wasted, self._requests)
+        self._wasted = self._requests = 0
+        return taken
 
     def _drop(self) -> None:
         if self._held is not None:

@@ -136,6 +136,11 @@ class CallMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.speculative_requests = Counter(
+            "callbrain_speculative_requests",
+            "Model requests started from update_only, before Retell asked (used or not).",
+            registry=registry,
+        )
         self.speculation_wasted = Counter(
             "callbrain_speculation_wasted_chunks",
             "Output chunks (about a token each) of speculative answers that were dropped.",
@@ -194,6 +199,8 @@ class MetricsObserver:
             m.speculations.labels(turn.speculation).inc()
         if turn.speculation_wasted:
             m.speculation_wasted.inc(turn.speculation_wasted)
+        if turn.speculative_requests:
+            m.speculative_requests.inc(turn.speculative_requests)
         for model in turn.models:
             self._count_model(model)
         for tool in turn.tools:

@@ -148,12 +148,19 @@ class TracingObserver:
         if self.capture_text:
             attributes["callbrain.turn.caller_text"] = turn.caller_text
             attributes["callbrain.turn.spoken"] = turn.spoken
+        if turn.speculation is not None:
+            attributes["callbrain.turn.speculation"] = turn.speculation
+        # An answer started before the request (speculation) starts the turn's span,
+        # so its model span stays inside it; the request's arrival is an event.
+        began = min([turn.arrived, *(m.requested for m in turn.models)])
         span = self.tracer.start_span(
             "turn",
             context=context,
-            start_time=self._ns(turn.arrived),
+            start_time=self._ns(began),
             attributes=attributes,
         )
+        if began < turn.arrived:
+            span.add_event("request", timestamp=self._ns(turn.arrived))
         if turn.first_frame is not None:
             span.add_event("first_frame", timestamp=self._ns(turn.first_frame))
         if turn.outcome == "fallback":

@@ -246,6 +246,7 @@ def _turn(
         "output_tokens": row["output_tokens"],
         "speculation": row["speculation"],
         "speculation_wasted": row["speculation_wasted"],
+        "speculative_requests": row["speculative_requests"],
         "models": [
             {
                 "provider": m["provider"],

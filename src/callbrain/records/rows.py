@@ -95,6 +95,7 @@ def turn_row(key: CallKey, call: CallRecord, turn: TurnRecord) -> Row:
         "output_tokens": _total(m.output_tokens for m in turn.models),
         "speculation": turn.speculation,
         "speculation_wasted": turn.speculation_wasted,
+        "speculative_requests": turn.speculative_requests,
     }
 
 

@@ -69,6 +69,7 @@ turns = Table(
     Column("output_tokens", Integer),
     Column("speculation", String(8)),
     Column("speculation_wasted", Integer, nullable=False, server_default="0"),
+    Column("speculative_requests", Integer, nullable=False, server_default="0"),
     ForeignKeyConstraint(["call_key"], ["calls.id"], ondelete="CASCADE"),
 )
 

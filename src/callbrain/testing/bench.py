@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from callbrain.retell.frames import PING_INTERVAL_S
 from callbrain.testing.checker import ProtocolChecker, TurnRecord
-from callbrain.testing.client import RetellClient
+from callbrain.testing.client import RetellClient, user
 
 _LINES = (
     "Hi, I'd like to book an appointment for next week.",
@@ -60,6 +60,14 @@ class LoadOptions:
     """Share of turns the caller barges in on, after the reply's first words."""
     ttft_s: float = 0.3
     """The fake model's time to first token, subtracted from the latency."""
+    final_update_s: float = 0.0
+    """How long before each request the caller's finished words arrive in an
+    ``update_only``, as Retell sends them (it asks for a response only once its
+    turn-taking decides the caller is done). 0: together, as before."""
+    continue_rate: float = 0.2
+    """With ``final_update_s``: share of turns where the caller pauses after one
+    finished sentence and then says another, as people do (what an answer
+    started early on the first sentence gets wrong)."""
     reply_timeout_s: float = 15.0
     seed: int | None = None
 
@@ -77,6 +85,8 @@ class LoadReport:
     turns: int = 0
     interrupted: int = 0
     added_latency_ms: list[float] = field(default_factory=list)
+    first_words_ms: list[float] = field(default_factory=list)
+    """From each request to the reply's first words, the model's own time included."""
     ping_rtt_ms: list[float] = field(default_factory=list)
     missed_pings: int = 0
     stale_frames: int = 0
@@ -105,6 +115,7 @@ class LoadReport:
             "turns": self.turns,
             "interrupted_turns": self.interrupted,
             "added_latency_ms": percentiles(self.added_latency_ms, (50, 95, 99)),
+            "first_words_ms": percentiles(self.first_words_ms, (50, 95, 99)),
             "ping_rtt_ms": percentiles(self.ping_rtt_ms, (50, 99)),
             "missed_pings": self.missed_pings,
             "stale_frames": self.stale_frames,
@@ -198,7 +209,8 @@ async def _converse(
         elif last is not None and checker.turns[last].text:
             # Retell's transcript keeps what the agent said before the caller cut in.
             call.transcript.append({"role": "agent", "content": checker.turns[last].text})
-        last = await call.say(rng.choice(_LINES))
+        more = rng.choice(_LINES) if rng.random() < options.continue_rate else None
+        last = await _speak(call, rng.choice(_LINES), options.final_update_s, more)
         report.turns += 1
         report.interrupted += barge
         barge = rng.random() < options.interrupt_rate
@@ -224,6 +236,23 @@ async def _converse(
     call.stop_pinging()
 
 
+async def _speak(call: RetellClient, text: str, final_update_s: float, more: str | None) -> int:
+    """The caller says ``text``: its words in an ``update_only`` ``final_update_s``
+    before the request (0: the two at once, as :meth:`RetellClient.say`); with
+    ``more``, a pause after ``text`` and then ``more`` too."""
+    if final_update_s <= 0:
+        return await call.say(text if more is None else f"{text} {more}")
+    call.transcript.append(user(text))
+    await call.update()
+    await asyncio.sleep(final_update_s)
+    if more is not None:
+        call.transcript[-1] = user(f"{text} {more}")
+        await call.update()
+        await asyncio.sleep(final_update_s)
+    await call.update(turntaking="agent_turn")
+    return await call.request()
+
+
 def _started(turn: TurnRecord) -> Callable[[object], bool]:
     """The agent has begun to speak (or finished without a word): a caller can cut in."""
     return lambda _: turn.first_text_at is not None or turn.completes > 0
@@ -243,6 +272,7 @@ def _collect(checker: ProtocolChecker, options: LoadOptions, report: LoadReport)
         if answered is not None:
             waited = (answered - turn.requested_at - options.ttft_s) * 1000
             report.added_latency_ms.append(waited)
+            report.first_words_ms.append((answered - turn.requested_at) * 1000)
     report.ping_rtt_ms.extend(rtt * 1000 for rtt in checker.ping_rtts)
     report.missed_pings += checker.missed_pings
     report.stale_frames += checker.stale_frames

@@ -79,6 +79,8 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
     ("calls (connected)", lambda r: f"{r['calls']:,} ({r['connected']:,})"),
     ("turns (interrupted)", lambda r: f"{r['turns']:,} ({r['interrupted_turns']:,})"),
     ("added latency p50 / p95 / p99 ms", lambda r: ms(r["added_latency_ms"])),
+    ("first words p50 / p95 / p99 ms", lambda r: ms(r.get("first_words_ms", {}))),
+    ("speculation: hits / misses / requests", lambda r: _speculation(r)),
     ("ping RTT p50 / p99 ms", lambda r: ms(r["ping_rtt_ms"])),
     ("missed pings", lambda r: f"{r['missed_pings']:,}"),
     ("stale frames", lambda r: f"{r['stale_frames']:,}"),
@@ -97,6 +99,13 @@ ROWS: list[tuple[str, Callable[[Run], str]]] = [
         lambda r: f"{r['others_cpu_s']} ({others_cores(r):.2f})",
     ),
 ]
+
+
+def _speculation(run: Run) -> str:
+    counts = run.get("speculation")
+    if not counts:
+        return "-"
+    return f"{counts['hits']:,.0f} / {counts['misses']:,.0f} / {counts['requests']:,.0f}"
 
 
 def runs_of(result: Run) -> list[Run]:

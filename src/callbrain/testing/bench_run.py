@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -66,6 +67,9 @@ class FakeModel:
     agent uses the provider that speaks it)."""
 
     ttft_s: float = 0.3
+    ttft_max_s: float | None = None
+    """With it, each request's first token comes after a time drawn between
+    ``ttft_s`` and this (a real model's varies)."""
     token_rate: float = 50.0
     text: str = (
         "Sure, we have a few openings next week. Tuesday at ten thirty and Thursday "
@@ -187,11 +191,12 @@ async def measured(
 
 
 def bench_agent(
-    llm_url: str, provider: str = "openai", records: str | None = None
+    llm_url: str, provider: str = "openai", records: str | None = None, speculation: bool = False
 ) -> dict[str, Any]:
     """The agent the bench serves: a short greeting, no tools, the fake model;
     its call records in the SQLite file ``records`` (None: recording off)."""
     return {
+        "speculation": {"enabled": speculation},
         "name": "bench",
         "system_prompt": "You are a receptionist. Answer in one or two short sentences.",
         "begin_message": "Hi, thanks for calling. How can I help?",
@@ -214,6 +219,8 @@ def _callbrain(*args: str) -> list[str]:
 async def fake_model(model: FakeModel, port: int) -> AsyncIterator[psutil.Process]:
     args = ["fake-llm", "--provider", model.provider, "--port", str(port)]
     args += ["--ttft", str(model.ttft_s)]
+    if model.ttft_max_s is not None:
+        args += ["--ttft-max", str(model.ttft_max_s), "--seed", "1"]
     args += ["--token-rate", str(model.token_rate), "--text", model.text, "--log-level", "warning"]
     async with child(_callbrain(*args), port, "callbrain fake-llm") as process:
         yield process
@@ -221,7 +228,7 @@ async def fake_model(model: FakeModel, port: int) -> AsyncIterator[psutil.Proces
 
 @contextlib.asynccontextmanager
 async def callbrain_server(
-    llm_url: str, provider: str = "openai", *, records: bool = True
+    llm_url: str, provider: str = "openai", *, records: bool = True, speculation: bool = False
 ) -> AsyncIterator[tuple[str, psutil.Process]]:
     """``callbrain serve`` on the bench agent; yields its Retell URL and its process.
     Its call records (on by default, as in production) go to a file of its own."""
@@ -229,7 +236,7 @@ async def callbrain_server(
     with tempfile.TemporaryDirectory() as folder:
         agent = Path(folder) / "bench-agent.yaml"
         database = str(Path(folder) / "bench-calls.db") if records else None
-        spec = bench_agent(llm_url, provider, database)
+        spec = bench_agent(llm_url, provider, database, speculation)
         agent.write_text(yaml.safe_dump(spec), encoding="utf-8")
         args = ["serve", "--agent", str(agent), "--port", str(port), "--log-level", "warning"]
         async with child(_callbrain(*args), port, "callbrain serve") as process:
@@ -292,18 +299,46 @@ async def _run_against(
     fake: psutil.Process | None,
     model: FakeModel,
     records: bool,
+    speculation: bool = False,
 ) -> dict[str, Any]:
     """Start the server ``target`` names (None: callbrain), load it, stop it."""
-    if target is None or target == BASELINE:
+    if target is None:
         assert llm_url is not None
-        started = (
-            callbrain_server(llm_url, model.provider, records=records)
-            if target is None
-            else baseline_server(llm_url)
+        started = callbrain_server(
+            llm_url, model.provider, records=records, speculation=speculation
         )
         async with started as (url, server):
-            return await bench_one(url, options, server, fake, label=target or CALLBRAIN)
+            result = await bench_one(url, options, server, fake, label=CALLBRAIN)
+            if speculation:
+                result["speculation"] = await asyncio.to_thread(speculation_counts, url)
+            return result
+    if target == BASELINE:
+        assert llm_url is not None
+        async with baseline_server(llm_url) as (url, server):
+            return await bench_one(url, options, server, fake, label=BASELINE)
     return await bench_one(target, options, None, fake, label=target)
+
+
+def speculation_counts(url: str) -> dict[str, float]:
+    """What speculative generation did during a run, from the server's ``/metrics``:
+    answers used (hits) and dropped (misses), model requests started early, and
+    the output chunks dropped."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base = "http" + url.removeprefix("ws").split("/llm-websocket")[0]
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counts = {"hits": 0.0, "misses": 0.0, "requests": 0.0, "wasted_chunks": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "callbrain_speculations_total":
+                key = "hits" if sample.labels.get("outcome") == "hit" else "misses"
+                counts[key] += sample.value
+            elif sample.name == "callbrain_speculative_requests_total":
+                counts["requests"] += sample.value
+            elif sample.name == "callbrain_speculation_wasted_chunks_total":
+                counts["wasted_chunks"] += sample.value
+    return counts
 
 
 async def run_bench(
@@ -315,12 +350,14 @@ async def run_bench(
     fake_llm_port: int | None = None,
     compare_first: bool = False,
     records: bool = True,
+    speculation: bool = False,
 ) -> dict[str, Any]:
     """The whole ``callbrain bench`` run: the report as the JSON it prints.
 
     ``compare_first`` runs the compared server before the main one (the report
     keeps the main one on top), so repeated runs can alternate the order.
-    ``records``: whether the callbrain started here records its calls.
+    ``records`` and ``speculation``: the callbrain started here records its calls,
+    and starts answers from ``update_only``.
     """
     if compare == BASELINE and model.provider != "openai":
         raise RuntimeError("the baseline server speaks OpenAI's API only: --provider openai")
@@ -348,7 +385,9 @@ async def run_bench(
         order = list(range(len(targets)))[:: -1 if compare_first else 1]
         done: dict[int, dict[str, Any]] = {}
         for i in order:
-            done[i] = await _run_against(targets[i], options, llm_url, fake, model, records)
+            done[i] = await _run_against(
+                targets[i], options, llm_url, fake, model, records, speculation
+            )
         runs = [done[i] for i in range(len(targets))]
         result["order"] = [done[i]["server"] for i in order]
     if fake is not None:

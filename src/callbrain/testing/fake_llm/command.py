@@ -92,6 +92,12 @@ def fake_llm(
     ttft: Annotated[
         float, typer.Option(min=0, help="Seconds from a request to its first token.")
     ] = _DEFAULTS.ttft,
+    ttft_max: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="Draw each request's time to first token between --ttft and this."
+        ),
+    ] = None,
     token_rate: Annotated[
         float,
         typer.Option(
@@ -136,6 +142,7 @@ def fake_llm(
         mix = ReplyMix(
             text=text,
             ttft=ttft,
+            ttft_max=ttft_max,
             token_rate=token_rate,
             fail_rate=fail_rate,
             fail_status=fail_status,

@@ -45,6 +45,9 @@ class ReplyMix:
     text: str = DEFAULT_TEXT
     ttft: float = 0.3
     """Seconds from the request to the first token."""
+    ttft_max: float | None = None
+    """With it, each request's time to first token is drawn evenly between
+    :attr:`ttft` and this (seeded), as a real model's varies."""
     token_rate: float = 50.0
     """Tokens per second after the first; 0 or ``inf``: no delay."""
     fail_rate: float = 0.0
@@ -65,6 +68,13 @@ class ReplyMix:
             value = getattr(self, name)
             ok = math.isfinite(value) and value >= 0
             _require(ok, (name,), f"{value} is not a finite number of seconds, 0 or more.")
+        top = self.ttft_max
+        if top is not None:
+            _require(
+                math.isfinite(top) and top >= self.ttft,
+                ("ttft", "ttft_max"),
+                f"{top} is not a number of seconds from ttft ({self.ttft:g}) up.",
+            )
         rate = self.token_rate
         _require(rate >= 0, ("token_rate",), f"{rate} is not a rate >= 0.")  # nan fails too
         for name in ("fail_rate", "stall_rate", "drop_rate"):
@@ -111,13 +121,14 @@ class ReplyMix:
     def reply_function(self) -> ReplyFunction:
         """A fresh reply function: its random draws start again from :attr:`seed`."""
         ok, faults = self.replies()
-        return reply_mix(ok, faults, self.seed)
+        return reply_mix(ok, faults, self.seed, self.ttft_max)
 
     def describe(self) -> str:
         """One line on what requests get, for people."""
         ok, faults = self.replies()
         pace = "as fast as possible" if ok.chunk_delay == 0 else f"{self.token_rate:g}/s"
-        parts = [f"{len(ok.deltas)} tokens, the first after {ok.ttft:g} s, then {pace}"]
+        first = f"{ok.ttft:g} s" if self.ttft_max is None else f"{ok.ttft:g}-{self.ttft_max:g} s"
+        parts = [f"{len(ok.deltas)} tokens, the first after {first}, then {pace}"]
         for share, reply in faults:
             if share == 0:
                 continue
@@ -130,11 +141,14 @@ class ReplyMix:
         return "; ".join(parts)
 
 
-def reply_mix(ok: Reply, faults: list[tuple[float, Reply]], seed: int | None) -> ReplyFunction:
+def reply_mix(
+    ok: Reply, faults: list[tuple[float, Reply]], seed: int | None, ttft_max: float | None = None
+) -> ReplyFunction:
     """A reply function that answers ``ok`` except for shares of faulty replies.
 
     One draw in [0, 1) per request: the first fault whose running total of
     shares is above it answers, so a share of 1 always wins and 0 never does.
+    With ``ttft_max``, a second draw sets the good reply's time to first token.
     """
     rng = random.Random(seed)
     shares = itertools.accumulate(share for share, _ in faults)
@@ -145,6 +159,8 @@ def reply_mix(ok: Reply, faults: list[tuple[float, Reply]], seed: int | None) ->
         for limit, reply in limits:
             if draw < limit:
                 return reply
+        if ttft_max is not None:
+            return replace(ok, ttft=rng.uniform(ok.ttft, ttft_max))
         return ok
 
     return choose

@@ -22,9 +22,13 @@ def upgrade() -> None:
         turns.add_column(
             sa.Column("speculation_wasted", sa.Integer, nullable=False, server_default="0")
         )
+        turns.add_column(
+            sa.Column("speculative_requests", sa.Integer, nullable=False, server_default="0")
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("turns") as turns:
+        turns.drop_column("speculative_requests")
         turns.drop_column("speculation_wasted")
         turns.drop_column("speculation")
