@@ -47,15 +47,13 @@ def environment(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def pizza_tools() -> Iterator[ModuleType]:
-    """The module the agent imports from beside its file (the same one Agent loads)."""
+    """The module the agent imports from beside its file (the same one Agent loads),
+    removed afterwards: other tests load a pizza_tools.py of their own."""
+    sys.modules.pop("pizza_tools", None)
     agent = Agent.from_yaml(PIZZA / "pizza.yaml")
     agent.build_tools()
-    module = sys.modules["pizza_tools"]
-    module.orders.clear()
-    module.placed.clear()
-    yield module
-    module.orders.clear()
-    module.placed.clear()
+    yield sys.modules["pizza_tools"]
+    sys.modules.pop("pizza_tools", None)
 
 
 async def test_callbrain_test_passes_the_scenario_with_no_api_key() -> None:
