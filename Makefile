@@ -23,9 +23,10 @@ run: install
 	$(BIN)/callbrain serve $(ARGS)
 
 lint: install
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
+	$(BIN)/mypy --strict examples/pizza
 
 # The key reference in docs/agent-file.md, from the models (tests/test_docs.py checks it).
 docs: install

@@ -1,4 +1,4 @@
-"""The testing kit as users see it, starting with the README's example."""
+"""The testing kit as users see it, starting with the example in docs/testing.md."""
 
 from __future__ import annotations
 

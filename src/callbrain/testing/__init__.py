@@ -3,7 +3,7 @@
 Everything runs over real sockets on loopback: :class:`RetellClient` speaks
 Retell's side of the WebSocket protocol, and :class:`FakeOpenAIServer` /
 :class:`FakeAnthropicServer` speak the providers' streaming HTTP formats, so the
-official SDKs run end to end. See the README's "Testing your agent" section.
+official SDKs run end to end. See docs/testing.md.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from rich.table import Table
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from callbrain.agent import Agent
+from callbrain.call.speculation import SpeculationSettings
 from callbrain.llm.config import OpenAIConfig
 from callbrain.testing.agent_server import serve_agent
 from callbrain.testing.client import RetellClient
@@ -66,7 +67,10 @@ async def _serve(agent: Agent, scenario: Scenario) -> AsyncIterator[str]:
         llm = OpenAIConfig(
             provider="openai", model="scripted", base_url=fake.base_url, api_key="scripted"
         )
-        async with serve_agent(agent.model_copy(update={"llm": llm})) as url:
+        # The script answers the turns' requests in order; a speculative request
+        # that misses (the caller's first sentence of several) would eat a reply.
+        off = SpeculationSettings(enabled=False)
+        async with serve_agent(agent.model_copy(update={"llm": llm, "speculation": off})) as url:
             yield url
 
 
