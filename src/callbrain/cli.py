@@ -19,6 +19,8 @@ from callbrain.logs import LogLevel, configure_logging
 from callbrain.records.cli import calls_app
 from callbrain.server.app import DEFAULT_PREFIX, create_app, server_settings
 from callbrain.server.process import listening_socket, serve_when_ready
+from callbrain.server.worker import WorkerSpec
+from callbrain.server.workers import serve_workers, worker_count
 from callbrain.startup import UsageError, announce, fail, load_agents, reporting
 from callbrain.testing.chat_terminal import chat_command
 from callbrain.testing.fake_llm.command import fake_llm
@@ -75,12 +77,38 @@ def serve(
         bool,
         typer.Option("--log-json", help="One JSON object per log line (the banner too)."),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="CALLBRAIN_WORKERS",
+            help="Processes serving calls on the port. Default: server.workers, else one per "
+            "core (one for a local model or the console).",
+            show_default=False,
+        ),
+    ] = None,
     debug: Annotated[bool, DEBUG_OPTION] = False,
 ) -> None:
     """Run the Retell Custom LLM WebSocket server for one agent or several."""
     configure_logging(log_level, json=log_json)
     with reporting(debug):
-        agents = load_agents([*(files or []), *(agent or [])] or [example_agent_path()])
+        paths = [*(files or []), *(agent or [])] or [example_agent_path()]
+        agents = load_agents(paths)
+        count, _ = worker_count(workers, agents, server_settings(agents))
+        if count > 1:
+            spec = WorkerSpec(
+                index=0,
+                files=[str(path) for path in paths],
+                prefix=prefix,
+                host=host,
+                log_level=log_level,
+                log_json=log_json,
+                debug=debug,
+                listen_fd=-1,
+                link_fd=-1,
+                store_path=None,
+            )
+            raise typer.Exit(serve_workers(agents, spec, count, port=port))
         # Built now so a tool that does not import, a missing key or model file fail
         # here, not on a call; the socket is bound before anything is announced.
         application = create_app(agents, prefix=prefix)
