@@ -94,7 +94,8 @@ async def serve(tmp_path: Path, fake: FakeOpenAIServer, **server: Any) -> AsyncI
     )  # fmt: skip
     served = Served(proc, port)
     try:
-        await served.line("Workers ")  # the banner: both workers listen
+        await served.line("Workers ")  # the banner, then both workers listen
+        await served.line("listening on http://")
         assert sorted(served.pids) == [1, 2]
         yield served
     finally:
@@ -219,7 +220,7 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
         os.kill(dead, signal.SIGKILL)
         await served.line("exited killed by SIGKILL; starting another")
         await served.line("worker 2 started")
-        await served.line("worker=2 call=- listening on")
+        await served.line("worker 2 (pid")  # "... is taking calls"
         assert served.pids[2] != dead
         with served.only(2):  # the new worker 2 serves calls
             async with RetellClient.connect(served.ws, "call-3") as call:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -94,7 +95,7 @@ def serve(
     with reporting(debug):
         paths = [*(files or []), *(agent or [])] or [example_agent_path()]
         agents = load_agents(paths)
-        count, _ = worker_count(workers, agents, server_settings(agents))
+        count, note = worker_count(workers, agents, server_settings(agents))
         if count > 1:
             spec = WorkerSpec(
                 index=0,
@@ -108,7 +109,7 @@ def serve(
                 link_fd=-1,
                 store_path=None,
             )
-            raise typer.Exit(serve_workers(agents, spec, count, port=port))
+            raise typer.Exit(serve_workers(agents, spec, count, port=port, note=note))
         # Built now so a tool that does not import, a missing key or model file fail
         # here, not on a call; the socket is bound before anything is announced.
         application = create_app(agents, prefix=prefix)
@@ -123,6 +124,8 @@ def serve(
             # p99 of `callbrain bench`). Frozen, they are never walked again.
             gc.collect()
             gc.freeze()
+            if note is not None:
+                logging.getLogger("callbrain.serve").info("%s", note)
 
         # The store and the models start first: a failure is one line, not a banner.
         serve_when_ready(application, sock, host=host, settings=settings, ready=ready)
@@ -296,6 +299,10 @@ def bench(
             help="Whether the server started here records its calls (to a file of its own).",
         ),
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="Worker processes of the server started here (serve --workers)."),
+    ] = 1,
 ) -> None:
     """Load a server with simulated calls; report added latency, pings and protocol errors."""
     import sys
@@ -322,6 +329,8 @@ def bench(
 
         if url is not None:
             _fail("--curve starts its servers itself: give no URL")
+        if workers != 1:
+            _fail("--curve measures one worker: leave out --workers")
         try:
             points = parse_points(curve)
             require_plotting()
@@ -335,7 +344,9 @@ def bench(
             )
         )
     else:
-        here = f"callbrain serve (started here, records {'on' if records else 'off'})"
+        here = f"callbrain serve (started here, records {'on' if records else 'off'}" + (
+            f", {workers} workers)" if workers > 1 else ")"
+        )
         console.print(
             f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
             f"{url or here}" + (f", then {second}" if second else ""),
@@ -350,6 +361,7 @@ def bench(
                 fake_llm_port=fake_llm_port,
                 records=records,
                 speculation=speculation,
+                workers=workers,
             )
         )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

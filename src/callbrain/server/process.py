@@ -289,7 +289,9 @@ class CallbrainServer(ProcessServer):
         # says calls are being taken.
         for sock in sockets or []:
             host, port = sock.getsockname()[:2]
-            logger.info("listening on http://%s:%d", host, port)
+            # A worker's supervisor says it once for all, after the banner.
+            level = logging.INFO if self.on_listening is None else logging.DEBUG
+            logger.log(level, "listening on http://%s:%d", host, port)
         if self.on_listening is not None:
             self.on_listening()
 

@@ -66,24 +66,30 @@ class SupervisorLink:
     def __init__(self, fd: int) -> None:
         self.socket = socket.socket(fileno=fd)
         self._lock = threading.Lock()
+        self.go = threading.Event()
+        """Set when the supervisor says to listen (all workers have started)."""
 
     def say(self, **message: object) -> None:
         # OSError: the supervisor is gone; the watcher drains us.
         with self._lock, contextlib.suppress(OSError):
             self.socket.sendall(orjson.dumps(message) + b"\n")
 
+    def loaded(self) -> None:
+        """Everything has started: say so, and wait to be told to listen."""
+        self.say(loaded=True)
+        self.go.wait()
+
     def ready(self) -> None:
         self.say(ready=True, pid=os.getpid())
 
     def watch(self) -> None:
-        """Drain (SIGTERM to ourselves) when the supervisor's end closes."""
+        """Hear "go"; drain (SIGTERM to ourselves) when the supervisor's end closes."""
 
         def wait_for_end() -> None:
-            try:
-                while self.socket.recv(64):
-                    pass
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                while data := self.socket.recv(64):
+                    if b"go" in data:
+                        self.go.set()
             os.kill(os.getpid(), signal.SIGTERM)
 
         threading.Thread(target=wait_for_end, name="callbrain-supervisor-link", daemon=True).start()
@@ -110,6 +116,7 @@ def run(spec: WorkerSpec, link: SupervisorLink) -> int:
             # As in `callbrain serve`: the start-up's objects are never walked again.
             gc.collect()
             gc.freeze()
+            link.loaded()
 
         serve_when_ready(
             application,

@@ -84,23 +84,23 @@ def one_worker_reason(agents: Sequence[Agent], settings: ServerSettings) -> str 
 
 def worker_count(
     requested: int | None, agents: Sequence[Agent], settings: ServerSettings
-) -> tuple[int, bool]:
-    """How many workers, and whether the number was asked for (flag or file)."""
+) -> tuple[int, str | None]:
+    """How many workers, and a note for the log after the banner (why one, or
+    what several cost), if there is one to make."""
     asked = requested if requested is not None else settings.workers
     reason = one_worker_reason(agents, settings)
     if asked is None:
-        cores = available_cores()
-        if reason is not None and cores > 1:
-            logger.info("serving with one worker: %s (--workers N to choose)", reason)
-        return (1 if reason else cores), False
+        if reason is not None and available_cores() > 1:
+            return 1, f"serving with one worker: {reason} (--workers N to choose)"
+        return (1 if reason else available_cores()), None
     if asked > 1 and settings.console:
         raise StartupError(
             f"--workers {asked} with server.console on: the web console keeps its live view "
             "and logins in one process; serve it with --workers 1"
         )
     if asked > 1 and reason is not None:
-        logger.warning("%d workers: %s (%d copies in memory)", asked, reason, asked)
-    return asked, True
+        return asked, f"{asked} workers: {reason} ({asked} copies in memory)"
+    return asked, None
 
 
 def shared_store(settings: ServerSettings, port: int) -> str | None:
@@ -155,7 +155,10 @@ class _Worker:
     process: subprocess.Popen[bytes]
     link: socket.socket
     started: float
+    loaded: bool = False
+    """Its agents are built, the store checked, the models loaded."""
     ready: bool = False
+    """It listens."""
     buffer: bytes = b""
     error: str | None = None
 
@@ -175,10 +178,15 @@ class Supervisor:
     """Worker numbers to start again, and when."""
     _failures: int = 0
     _signals: int = 0
+    _announced: bool = False
+    _listening: bool = False
 
     def run(self, ready: Callable[[], None]) -> int:
-        """Serve until a signal stops every worker; ``ready`` once all N listen.
-        A worker that cannot start fails the whole start with its
+        """Serve until a signal stops every worker. As a single server does, the
+        workers first start everything (agents, store, models) and wait; once
+        all N have, ``ready`` prints the banner and they are told to listen,
+        so a port that accepts means the server is announced and whole. A
+        worker that cannot start fails the whole start with its
         :class:`StartupError` (the others are stopped first)."""
         self._metrics_dir = tempfile.mkdtemp(prefix="callbrain-metrics-")
         wake_read, wake_write = socket.socketpair()
@@ -215,10 +223,19 @@ class Supervisor:
                 else:
                     failure = self._heard(key.data, announced) or failure
             if failure is not None and not self._signals:
-                self._stop("a worker could not start")
-            if not announced and not self._signals and failure is None and self._all_ready():
-                announced = True
+                self._stop("a worker could not start", log=logging.DEBUG)
+            healthy = not self._signals and failure is None
+            if not announced and healthy and self._all("loaded"):
+                announced = self._announced = True
+                for worker in self.workers.values():
+                    logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
                 ready()
+                for worker in self.workers.values():
+                    self._go(worker)
+            if announced and healthy and not self._listening and self._all("ready"):
+                self._listening = True
+                host, port = self.sock.getsockname()[:2]
+                logger.info("listening on http://%s:%d (%d workers)", host, port, self.count)
             now = time.monotonic()
             for index, when in list(self._restarts.items()):
                 if when <= now and not self._signals:
@@ -228,8 +245,15 @@ class Supervisor:
             raise StartupError(failure)
         return 0
 
-    def _all_ready(self) -> bool:
-        return len(self.workers) == self.count and all(w.ready for w in self.workers.values())
+    def _all(self, state: str) -> bool:
+        workers = self.workers.values()
+        return len(workers) == self.count and all(getattr(w, state) for w in workers)
+
+    @staticmethod
+    def _go(worker: _Worker) -> None:
+        """Tell a worker that has started to listen."""
+        with contextlib.suppress(OSError):  # it died meanwhile: its end is read next
+            worker.link.sendall(b"go\n")
 
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair()
@@ -246,7 +270,9 @@ class Supervisor:
         worker = _Worker(index, process, ours, time.monotonic())
         self.workers[index] = worker
         self._selector.register(ours, selectors.EVENT_READ, worker)
-        logger.info("worker %d started (pid %d)", index, process.pid)
+        # The first ones are named once all are up: a failed start says one line.
+        if self._announced:
+            logger.info("worker %d started (pid %d)", index, process.pid)
 
     def _heard(self, worker: _Worker, announced: bool) -> str | None:
         """Read the worker's link; a start-up failure's message, if that is what it said."""
@@ -261,8 +287,16 @@ class Supervisor:
             *lines, worker.buffer = worker.buffer.split(b"\n")
             for line in lines:
                 message = orjson.loads(line)
-                if message.get("ready"):
+                if message.get("loaded"):
+                    worker.loaded = True
+                    if announced:  # a replacement: at once
+                        self._go(worker)
+                elif message.get("ready"):
                     worker.ready = True
+                    if announced:
+                        logger.info(
+                            "worker %d (pid %d) is taking calls", worker.index, worker.process.pid
+                        )
                 elif "error" in message:
                     worker.error = str(message["error"])
                     if announced:
@@ -273,7 +307,8 @@ class Supervisor:
     def _exited(self, worker: _Worker, announced: bool) -> str | None:
         status = self._reap(worker)
         if self._signals:
-            logger.info("worker %d (pid %d) has stopped", worker.index, worker.process.pid)
+            level = logging.INFO if self._announced else logging.DEBUG  # a failed start: one line
+            logger.log(level, "worker %d (pid %d) has stopped", worker.index, worker.process.pid)
             return None
         if not announced:
             return worker.error or (
@@ -330,15 +365,21 @@ class Supervisor:
                 worker.process.send_signal(signal.SIGTERM)
 
 
-def serve_workers(agents: Sequence[Agent], spec: WorkerSpec, count: int, *, port: int) -> int:
+def serve_workers(
+    agents: Sequence[Agent], spec: WorkerSpec, count: int, *, port: int, note: str | None
+) -> int:
     """``callbrain serve`` with ``count`` workers: bind, migrate, start them, and
     announce the server once all listen; the exit status. ``spec``: what every
     worker is told (its number, socket and store are filled in here)."""
-    from callbrain.server.app import server_settings
+    from callbrain.server.app import create_app, server_settings
     from callbrain.server.process import listening_socket
     from callbrain.startup import announce
 
     settings = server_settings(agents)
+    # Built here and dropped, as a single server builds it before it binds: a
+    # tool that does not import, a missing key or extra is one line, before any
+    # worker starts (the workers build their own).
+    create_app(agents, prefix=spec.prefix)
     sock = listening_socket(spec.host, port)
     bound = int(sock.getsockname()[1])
     store_path = shared_store(settings, bound)
@@ -355,6 +396,8 @@ def serve_workers(agents: Sequence[Agent], spec: WorkerSpec, count: int, *, port
             json=spec.log_json,
             workers=describe(count, store_path),
         )
+        if note is not None:
+            logger.info("%s", note)
 
     try:
         return Supervisor(count, spec, sock).run(ready)
