@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,6 +81,7 @@ async def test_each_agent_answers_at_its_own_url_with_its_own_tools_and_model() 
         health = (await httpx.AsyncClient().get(http + "/healthz")).json()
         assert health == {
             "status": "ok",
+            "pid": os.getpid(),
             "active_calls": 0,
             "agents": {"pizza": {"active_calls": 0}, "sushi": {"active_calls": 0}},
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -39,6 +40,7 @@ async def test_healthz_counts_active_calls() -> None:
     async with FakeOpenAIServer() as fake, serve_asgi(create_app(agent_for(fake))) as http:
         assert await get_json(http + "/healthz") == {
             "status": "ok",
+            "pid": os.getpid(),  # which process answered, when several workers serve
             "agent": "srv",
             "active_calls": 0,
             "agents": {"srv": {"active_calls": 0}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -19,6 +20,8 @@ from callbrain.logs import LogLevel, configure_logging
 from callbrain.records.cli import calls_app
 from callbrain.server.app import DEFAULT_PREFIX, create_app, server_settings
 from callbrain.server.process import listening_socket, serve_when_ready
+from callbrain.server.worker import WorkerSpec
+from callbrain.server.workers import serve_workers, worker_count
 from callbrain.startup import UsageError, announce, fail, load_agents, reporting
 from callbrain.testing.chat_terminal import chat_command
 from callbrain.testing.fake_llm.command import fake_llm
@@ -75,12 +78,38 @@ def serve(
         bool,
         typer.Option("--log-json", help="One JSON object per log line (the banner too)."),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="CALLBRAIN_WORKERS",
+            help="Processes serving calls on the port. Default: server.workers, else one per "
+            "core (one for a local model or the console).",
+            show_default=False,
+        ),
+    ] = None,
     debug: Annotated[bool, DEBUG_OPTION] = False,
 ) -> None:
     """Run the Retell Custom LLM WebSocket server for one agent or several."""
     configure_logging(log_level, json=log_json)
     with reporting(debug):
-        agents = load_agents([*(files or []), *(agent or [])] or [example_agent_path()])
+        paths = [*(files or []), *(agent or [])] or [example_agent_path()]
+        agents = load_agents(paths)
+        count, note = worker_count(workers, agents, server_settings(agents))
+        if count > 1:
+            spec = WorkerSpec(
+                index=0,
+                files=[str(path) for path in paths],
+                prefix=prefix,
+                host=host,
+                log_level=log_level,
+                log_json=log_json,
+                debug=debug,
+                listen_fd=-1,
+                link_fd=-1,
+                store_path=None,
+            )
+            raise typer.Exit(serve_workers(agents, spec, count, port=port, note=note))
         # Built now so a tool that does not import, a missing key or model file fail
         # here, not on a call; the socket is bound before anything is announced.
         application = create_app(agents, prefix=prefix)
@@ -95,6 +124,8 @@ def serve(
             # p99 of `callbrain bench`). Frozen, they are never walked again.
             gc.collect()
             gc.freeze()
+            if note is not None:
+                logging.getLogger("callbrain.serve").info("%s", note)
 
         # The store and the models start first: a failure is one line, not a banner.
         serve_when_ready(application, sock, host=host, settings=settings, ready=ready)
@@ -268,6 +299,10 @@ def bench(
             help="Whether the server started here records its calls (to a file of its own).",
         ),
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="Worker processes of the server started here (serve --workers)."),
+    ] = 1,
 ) -> None:
     """Load a server with simulated calls; report added latency, pings and protocol errors."""
     import sys
@@ -294,6 +329,8 @@ def bench(
 
         if url is not None:
             _fail("--curve starts its servers itself: give no URL")
+        if workers != 1:
+            _fail("--curve measures one worker: leave out --workers")
         try:
             points = parse_points(curve)
             require_plotting()
@@ -307,7 +344,9 @@ def bench(
             )
         )
     else:
-        here = f"callbrain serve (started here, records {'on' if records else 'off'})"
+        here = f"callbrain serve (started here, records {'on' if records else 'off'}" + (
+            f", {workers} workers)" if workers > 1 else ")"
+        )
         console.print(
             f"bench: {calls} calls for {options.ramp + duration:.0f} s against "
             f"{url or here}" + (f", then {second}" if second else ""),
@@ -322,6 +361,7 @@ def bench(
                 fake_llm_port=fake_llm_port,
                 records=records,
                 speculation=speculation,
+                workers=workers,
             )
         )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

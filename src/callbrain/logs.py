@@ -39,10 +39,15 @@ class CallIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log pipelines."""
+    """One JSON object per line, for log pipelines; ``worker``: the worker
+    number of ``callbrain serve --workers``, in every line."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -50,6 +55,8 @@ class JsonFormatter(logging.Formatter):
             "call_id": getattr(record, "call_id", "-"),
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -64,11 +71,17 @@ for every request they make: one per model request of every turn. Their
 warnings and errors still show; their INFO lines only at ``debug``."""
 
 
-def configure_logging(level: str = "info", *, json: bool = False) -> None:
-    """Route callbrain's and uvicorn's logs through one handler with call ids."""
+def configure_logging(
+    level: str = "info", *, json: bool = False, worker: int | None = None
+) -> None:
+    """Route callbrain's and uvicorn's logs through one handler with call ids
+    (and, in a worker of several, the worker's number: their lines interleave)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(CallIdFilter())
-    handler.setFormatter(JsonFormatter() if json else logging.Formatter(TEXT_FORMAT))
+    text = (
+        TEXT_FORMAT if worker is None else TEXT_FORMAT.replace(" call=", f" worker={worker} call=")
+    )
+    handler.setFormatter(JsonFormatter(worker) if json else logging.Formatter(text))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -107,10 +107,12 @@ def announce(
     port: int,
     prefix: str,
     json: bool,
+    workers: str | None = None,
 ) -> None:
     """The banner of ``callbrain serve``: for each agent, the URL to paste into
-    Retell; then health and metrics. As log lines with ``--log-json`` (a log
-    pipeline wants nothing else on stderr), else as text."""
+    Retell; then health and metrics (and ``workers``, what serves the port when
+    several processes do). As log lines with ``--log-json`` (a log pipeline
+    wants nothing else on stderr), else as text."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"{shown}:{port}" if ":" not in shown else f"[{shown}]:{port}"
     secret = settings.access.secret is not None  # only a placeholder is ever shown
@@ -128,6 +130,8 @@ def announce(
         extra.append(("Metrics", f"http://{base}/metrics"))
     if settings.console:
         extra.append(("Console", f"http://{base}/console/"))
+    if workers is not None:
+        extra.append(("Workers", workers))
     if json:
         for agent, path, pasted in entries:
             logger.info(

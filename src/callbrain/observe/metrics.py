@@ -16,16 +16,26 @@ The seam for the call records database: it keeps a count of records it had to
 drop, and plugs it in with :meth:`CallMetrics.count_records_dropped`; the
 count is read at each scrape (``callbrain_records_dropped_total``, 0 until
 something is plugged in).
+
+Several worker processes (``callbrain serve --workers N``) use
+prometheus_client's multiprocess mode: the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` before a worker starts, every worker's metrics go
+to files there, and a scrape of any worker reads them all
+(:attr:`CallMetrics.scrape_registry`), so the totals are the server's. Read-at-
+scrape collectors do not work there, so the records' drops are counted as they
+happen instead (:meth:`CallMetrics.records_dropped`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Container, Iterator
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from callbrain.call.record import (
@@ -51,11 +61,17 @@ def new_registry() -> CollectorRegistry:
     """The registry an app's metrics live in: the one place one is made.
 
     Not prometheus_client's global default, so apps in one process stay apart.
-    Several worker processes would need prometheus_client's multiprocess mode,
-    whose registry is built here too (``MultiProcessCollector``), and gauges
-    given a ``multiprocess_mode``.
     """
     return CollectorRegistry()
+
+
+def multiprocess_dir() -> str | None:
+    """Where the workers' metrics files are, when this process is one of several
+    workers (prometheus_client reads the same variable when it is imported)."""
+    return os.environ.get(MULTIPROC_VARIABLE) or None
+
+
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class CallMetrics:
@@ -63,8 +79,18 @@ class CallMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        shared = multiprocess_dir()
+        self.scrape_registry = registry
+        """What ``GET /metrics`` serves: this registry, or with several workers
+        one that reads every worker's files."""
+        if shared is not None:
+            self.scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self.scrape_registry, path=shared)  # type: ignore[no-untyped-call]
         self.calls_active = Gauge(
-            "callbrain_calls_active", "Call sockets being served now.", registry=registry
+            "callbrain_calls_active",
+            "Call sockets being served now.",
+            registry=registry,
+            multiprocess_mode="livesum",  # the live workers' sum; a dead one's calls are gone
         )
         self.calls = Counter(
             "callbrain_calls", "Calls started (a reconnect is not a new call).", registry=registry
@@ -151,15 +177,27 @@ class CallMetrics:
             self.frames_ignored.labels(reason)
         for refused in get_args(RefusedSocket):
             self.sockets_refused.labels(refused)
-        self._records_dropped = _ReadAtScrape(
-            "callbrain_records_dropped", "Call records the records database had to drop."
-        )
-        registry.register(self._records_dropped)
+        dropped = "Call records the records database had to drop."
+        self._records_dropped: _ReadAtScrape | None = None
+        self._dropped_counter: Counter | None = None
+        if shared is None:
+            self._records_dropped = _ReadAtScrape("callbrain_records_dropped", dropped)
+            registry.register(self._records_dropped)
+        else:
+            self._dropped_counter = Counter("callbrain_records_dropped", dropped, registry=registry)
 
     def count_records_dropped(self, source: Callable[[], int]) -> None:
         """Report ``source()`` (a count that only grows) as
-        ``callbrain_records_dropped_total`` from now on; it is called at each scrape."""
-        self._records_dropped.source = source
+        ``callbrain_records_dropped_total`` from now on; it is called at each scrape.
+        With several workers, :meth:`records_dropped` counts instead."""
+        if self._records_dropped is not None:
+            self._records_dropped.source = source
+
+    def records_dropped(self, count: int) -> None:
+        """``count`` more records were dropped: counted here with several
+        workers (a scrape cannot read another worker's count)."""
+        if self._dropped_counter is not None:
+            self._dropped_counter.inc(count)
 
 
 class MetricsObserver:

@@ -64,7 +64,7 @@ class Telemetry:
         return [
             metrics_route(
                 self.settings.metrics,
-                self.metrics.registry,
+                self.metrics.scrape_registry,
                 client_address,
                 rejections_per_minute=self.settings.access.rejections_per_minute,
             )

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -56,6 +57,8 @@ class CallRecorder:
             load_migrations()  # Alembic's imports take 0.25 s: now, not on a call's loop
         self.dropped = 0
         """Records (turns, call starts and ends) that could not be written."""
+        self.on_drop: Callable[[int], None] | None = None
+        """Told how many each time records are dropped (the metrics of a worker)."""
         self.written = 0
         self._queue: deque[_Item] = deque()
         self._keys: dict[int, CallKey] = {}
@@ -260,6 +263,8 @@ class CallRecorder:
 
     def _drop(self, count: int, reason: str) -> None:
         self.dropped += count
+        if self.on_drop is not None:
+            self.on_drop(count)
         self._unlogged[reason] = self._unlogged.get(reason, 0) + count
 
     def _log_drops(self, *, force: bool = False) -> None:

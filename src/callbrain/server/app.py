@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -173,6 +174,7 @@ def create_app(
     telemetry.know_tools({name for r in runtimes.values() for name in r.toolbox.tools})
     if telemetry.metrics is not None and recorder is not None:
         telemetry.metrics.count_records_dropped(lambda: recorder.dropped)
+        recorder.on_drop = telemetry.metrics.records_dropped
     # Sync webhook handlers' own threads, never the calls' (hung ones must not starve tools).
     handler_threads = HandlerThreads(settings.webhooks.handler_threads)
     # A bad handler reference fails here.
@@ -213,7 +215,7 @@ def create_app(
     async def healthz(request: Request) -> JSONResponse:
         # 503 while draining, so a load balancer sends new calls elsewhere.
         draining = any(r.draining for r in runtimes.values())
-        body: dict[str, Any] = {"status": "draining" if draining else "ok"}
+        body: dict[str, Any] = {"status": "draining" if draining else "ok", "pid": os.getpid()}
         if only is not None:
             body["agent"] = only.agent.name
         body["active_calls"] = active_calls()

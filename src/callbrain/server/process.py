@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # kept light: `callbrain fake-llm` runs on ProcessServer too
 
 logger = logging.getLogger("callbrain.server")
 
-_HANDLED = (signal.SIGINT, signal.SIGTERM)
+_HANDLED: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
 DEFAULT_WS_MAX_SIZE = 16 * 2**20
 _UNLIMITED_NOFILE = 2**20
@@ -203,12 +203,16 @@ def serve_when_ready(
     host: str,
     settings: ServerSettings,
     ready: Callable[[], None],
+    listening: Callable[[], None] | None = None,
+    signals: Sequence[signal.Signals] = _HANDLED,
 ) -> None:
     """``callbrain serve``: start every agent of ``app`` (check the store, load
     the models), raise the open-file limit, call ``ready`` (the banner: all it
     announces works), then serve on ``sock`` (bound and listening) until a
-    signal ends the drain. A start that fails raises its
-    :class:`~callbrain.errors.StartupError` before anything else is said."""
+    signal ends the drain; ``listening`` is called once calls are taken. A
+    start that fails raises its :class:`~callbrain.errors.StartupError` before
+    anything else is said. ``signals``: those that drain (a worker of several
+    leaves Ctrl-C to its supervisor, which sends it SIGTERM)."""
     runtimes: list[AgentRuntime] = app.state.runtimes
 
     async def main() -> None:
@@ -222,6 +226,8 @@ def serve_when_ready(
         server = CallbrainServer(
             config, runtimes, drain_s=settings.drain_s, finish_turn_s=settings.finish_turn_s
         )
+        server.handled_signals = tuple(signals)
+        server.on_listening = listening
         ready()
         await server.serve(sockets=[sock])
 
@@ -239,9 +245,11 @@ class ProcessServer(uvicorn.Server):
     and status 1) even after a clean shutdown.
     """
 
+    handled_signals: tuple[signal.Signals, ...] = _HANDLED
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED}
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in self.handled_signals}
         try:
             yield
         finally:
@@ -266,6 +274,8 @@ class CallbrainServer(ProcessServer):
         self.finish_turn_s = finish_turn_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
+        self.on_listening: Callable[[], None] | None = None
+        """Called once the sockets are listening (a worker tells its supervisor)."""
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -279,7 +289,11 @@ class CallbrainServer(ProcessServer):
         # says calls are being taken.
         for sock in sockets or []:
             host, port = sock.getsockname()[:2]
-            logger.info("listening on http://%s:%d", host, port)
+            # A worker's supervisor says it once for all, after the banner.
+            level = logging.INFO if self.on_listening is None else logging.DEBUG
+            logger.log(level, "listening on http://%s:%d", host, port)
+        if self.on_listening is not None:
+            self.on_listening()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the main thread between two bytecodes, not in a loop callback.

@@ -99,6 +99,7 @@ class AgentRuntime:
             stored.redis_url,
             prefix=stored.redis_prefix,
             max_bytes=int(stored.max_memory_mb * 2**20),
+            path=stored.path,
         )
         self._owns_store = store is None
         self.store = GuardedStore(self.backend, ttl_s=stored.ttl_s, timeout_s=stored.timeout_s)
@@ -127,7 +128,14 @@ class AgentRuntime:
         try:
             await self.backend.ping()
         except Exception as exc:
-            store = "server.store.redis_url" if self.settings.store.redis_url else "the store"
+            stored = self.settings.store
+            store = (
+                "server.store.redis_url"
+                if stored.redis_url
+                else f"the store file {stored.path}"
+                if stored.path
+                else "the store"
+            )
             raise StartupError(f"{where}: {store} does not answer: {_said(exc)}") from exc
         try:
             return await self.get_llm()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from callbrain.console.settings import ConsoleSettings
 from callbrain.observe.settings import MetricsSettings, TracingSettings
@@ -107,7 +107,12 @@ class StoreSettings(_Settings):
 
     redis_url: str | None = None
     """``redis://host:6379/0`` to share them between instances (a reconnect may
-    land on another one). None: in this process."""
+    land on another one). None: in this process, or with several workers in a
+    SQLite file they share (``path``)."""
+    path: str | None = None
+    """Without Redis: a SQLite file for the store, shared by the worker processes
+    of one machine. None: in memory with one worker; with several,
+    ``$XDG_DATA_HOME/callbrain/store-<port>.db`` (see docs/workers.md)."""
     ttl_s: float = Field(default=6 * 3600, gt=0)
     """How long a call's memory outlives its last change."""
     redis_prefix: str = "callbrain:"
@@ -115,7 +120,13 @@ class StoreSettings(_Settings):
     timeout_s: float = Field(default=2.0, gt=0)
     """A store operation that takes longer is abandoned; the call goes on without it."""
     max_memory_mb: float = Field(default=256, gt=0)
-    """Without Redis: the most this process keeps (oldest written dropped first)."""
+    """In memory: the most this process keeps (oldest written dropped first)."""
+
+    @model_validator(mode="after")
+    def _one_place(self) -> StoreSettings:
+        if self.redis_url is not None and self.path is not None:
+            raise ValueError("give redis_url or path, not both: the store is in one place")
+        return self
 
 
 class ServerSettings(_Settings):
@@ -141,6 +152,10 @@ class ServerSettings(_Settings):
     drain_s: float = Field(default=30.0, ge=0)
     """On SIGTERM: how long calls in progress may go on before their open turns
     are finished and their connections dropped (so Retell reconnects elsewhere)."""
+    workers: int | None = Field(default=None, ge=1)
+    """Processes serving calls on the one port (``callbrain serve --workers``
+    overrides it). None: one per core, or one where a worker each would not
+    do (a local model, the console); see docs/workers.md."""
     finish_turn_s: float = Field(default=10.0, ge=0)
     """Then how long an open turn may take to end by itself before it is cut
     between two chunks and completed."""

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from callbrain.errors import StartupError
+
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -134,3 +136,17 @@ class SQLiteStore:
 
         await self._on_thread(close)
         self._thread.shutdown(wait=False)
+
+
+def open_sqlite_store(path: str | Path) -> SQLiteStore:
+    """The store at ``path`` (``~`` expanded, its folder made), or a
+    :class:`~callbrain.errors.StartupError` saying why the file cannot be used."""
+    where = Path(path).expanduser()
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        return SQLiteStore(where)
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(
+            f"server.store.path: cannot use {where} as the store ({exc}); "
+            "choose a file on a local disk the server may write"
+        ) from exc

@@ -152,22 +152,26 @@ def _machine_busy_s() -> float:
 async def measured(
     server: psutil.Process | None, fake: psutil.Process | None
 ) -> AsyncIterator[RunUsage]:
-    """Who used how much CPU inside the block, and the server's peak RSS."""
+    """Who used how much CPU inside the block, and the server's peak RSS. A
+    server of several workers counts its workers too (CPU and memory summed)."""
     usage = RunUsage()
     bench = psutil.Process()
-    watched = [p for p in (server, fake, bench) if p is not None]
+    servers = [] if server is None else [server, *_children(server)]
+    watched = [p for p in (*servers, fake, bench) if p is not None]
     before = {p.pid: _cpu_s(p) for p in watched}
     machine_before = _machine_busy_s()
 
+    def sample_rss() -> None:
+        with contextlib.suppress(psutil.Error):
+            rss = sum(p.memory_info().rss for p in servers) / 2**20
+            usage.server_peak_rss_mb = max(usage.server_peak_rss_mb or 0.0, rss)
+
     async def sample_memory() -> None:
-        assert server is not None
         while True:
-            with contextlib.suppress(psutil.Error):
-                rss = server.memory_info().rss / 2**20
-                usage.server_peak_rss_mb = max(usage.server_peak_rss_mb or 0.0, rss)
+            sample_rss()
             await asyncio.sleep(0.25)
 
-    sampler = asyncio.create_task(sample_memory()) if server is not None else None
+    sampler = asyncio.create_task(sample_memory()) if servers else None
     try:
         yield usage
     finally:
@@ -179,15 +183,20 @@ async def measured(
         for p in watched:
             with contextlib.suppress(psutil.Error):
                 used[p.pid] = _cpu_s(p) - before[p.pid]
-        if server is not None:
-            with contextlib.suppress(psutil.Error):
-                rss = server.memory_info().rss / 2**20
-                usage.server_peak_rss_mb = max(usage.server_peak_rss_mb or 0.0, rss)
-            usage.server_cpu_s = used.get(server.pid)
+        if servers:
+            sample_rss()
+            usage.server_cpu_s = sum(used.get(p.pid, 0.0) for p in servers)
         if fake is not None:
             usage.fake_llm_cpu_s = used.get(fake.pid)
         usage.bench_cpu_s = used.get(bench.pid, 0.0)
         usage.others_cpu_s = max(0.0, _machine_busy_s() - machine_before - sum(used.values()))
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return list(process.children(recursive=True))
+    except psutil.Error:
+        return []
 
 
 def bench_agent(
@@ -228,17 +237,26 @@ async def fake_model(model: FakeModel, port: int) -> AsyncIterator[psutil.Proces
 
 @contextlib.asynccontextmanager
 async def callbrain_server(
-    llm_url: str, provider: str = "openai", *, records: bool = True, speculation: bool = False
+    llm_url: str,
+    provider: str = "openai",
+    *,
+    records: bool = True,
+    speculation: bool = False,
+    workers: int = 1,
 ) -> AsyncIterator[tuple[str, psutil.Process]]:
     """``callbrain serve`` on the bench agent; yields its Retell URL and its process.
-    Its call records (on by default, as in production) go to a file of its own."""
+    Its call records (on by default, as in production) go to a file of its own;
+    with several ``workers``, so does their shared store."""
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         agent = Path(folder) / "bench-agent.yaml"
         database = str(Path(folder) / "bench-calls.db") if records else None
         spec = bench_agent(llm_url, provider, database, speculation)
+        if workers > 1:
+            spec["server"]["store"] = {"path": str(Path(folder) / "bench-store.db")}
         agent.write_text(yaml.safe_dump(spec), encoding="utf-8")
         args = ["serve", "--agent", str(agent), "--port", str(port), "--log-level", "warning"]
+        args += ["--workers", str(workers)]
         async with child(_callbrain(*args), port, "callbrain serve") as process:
             yield f"ws://127.0.0.1:{port}{DEFAULT_PREFIX}", process
 
@@ -300,12 +318,13 @@ async def _run_against(
     model: FakeModel,
     records: bool,
     speculation: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Start the server ``target`` names (None: callbrain), load it, stop it."""
     if target is None:
         assert llm_url is not None
         started = callbrain_server(
-            llm_url, model.provider, records=records, speculation=speculation
+            llm_url, model.provider, records=records, speculation=speculation, workers=workers
         )
         async with started as (url, server):
             result = await bench_one(url, options, server, fake, label=CALLBRAIN)
@@ -351,13 +370,14 @@ async def run_bench(
     compare_first: bool = False,
     records: bool = True,
     speculation: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """The whole ``callbrain bench`` run: the report as the JSON it prints.
 
     ``compare_first`` runs the compared server before the main one (the report
     keeps the main one on top), so repeated runs can alternate the order.
     ``records`` and ``speculation``: the callbrain started here records its calls,
-    and starts answers from ``update_only``.
+    and starts answers from ``update_only``; ``workers``: its worker processes.
     """
     if compare == BASELINE and model.provider != "openai":
         raise RuntimeError("the baseline server speaks OpenAI's API only: --provider openai")
@@ -372,6 +392,7 @@ async def run_bench(
     }
     if url is None:
         result["records"] = records
+        result["workers"] = workers
     async with contextlib.AsyncExitStack() as stack:
         fake = None
         llm_url = None
@@ -386,7 +407,7 @@ async def run_bench(
         done: dict[int, dict[str, Any]] = {}
         for i in order:
             done[i] = await _run_against(
-                targets[i], options, llm_url, fake, model, records, speculation
+                targets[i], options, llm_url, fake, model, records, speculation, workers
             )
         runs = [done[i] for i in range(len(targets))]
         result["order"] = [done[i]["server"] for i in order]
