@@ -1,8 +1,9 @@
 """Anthropic messages backend.
 
-The official SDK does the HTTP, SSE parsing and retries; this module maps
-neutral requests to the request body, the stream's events (read as plain dicts
-by :class:`EventReader`) to neutral chunks, and the SDK's errors to
+The official SDK does the HTTP, the retries and the errors, and
+:mod:`callbrain.llm.sse` reads the body; this module maps neutral requests to
+the request body, the stream's events (read as plain dicts by
+:class:`EventReader`) to neutral chunks, and the SDK's errors to
 :class:`~callbrain.llm.base.LLMError`. It also repairs the
 conversation shape, because Anthropic (unlike OpenAI) insists that messages
 start with a user turn and alternate, while a phone call starts with the
@@ -33,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import anthropic
-import httpx2
 from anthropic.types import (
     MessageParam,
     TextBlockParam,
@@ -61,6 +61,7 @@ from callbrain.llm.chat import (
 )
 from callbrain.llm.config import AnthropicConfig
 from callbrain.llm.events import read_events
+from callbrain.llm.sse import AnthropicEvents
 
 CALL_STARTED = "(The call has started.)"
 """The user turn put before a conversation that does not start with one."""
@@ -105,14 +106,15 @@ class AnthropicLLM(LLM):
         if request.tools:
             body["tools"] = [_tool(spec) for spec in request.tools]
         try:
-            # The SDK's own HTTP, retries, errors and SSE parsing, without a
-            # pydantic object per event (see EventReader).
+            # The SDK's own HTTP, retries and errors, without its SSE decoder
+            # (llm/sse.py reads the body) or a pydantic object per event (see
+            # EventReader).
             stream = await self._client.post(
                 "/v1/messages",
                 body=body,
                 cast_to=object,
                 stream=True,
-                stream_cls=anthropic.AsyncStream[object],
+                stream_cls=AnthropicEvents,
             )
             # The SDK stream owns the HTTP response: leaving this block for any
             # reason (the finish, an error, cancellation, aclose) closes it.
@@ -124,12 +126,6 @@ class AnthropicLLM(LLM):
                     yield chunk
         except anthropic.APIError as exc:
             raise _translate(exc) from exc
-        except httpx2.TransportError as exc:
-            # Unlike openai's, this SDK lets transport errors met while reading
-            # the stream (a dropped connection) escape unwrapped.
-            raise LLMError(
-                f"anthropic: {type(exc).__name__}: {exc}", provider=PROVIDER, retryable=True
-            ) from exc
 
     def without_retries(self) -> AnthropicLLM:
         if self.config.max_retries == 0:

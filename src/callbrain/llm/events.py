@@ -1,8 +1,9 @@
 """A provider's stream of events, read to the provider's own end of it.
 
-Both remote backends take their provider's Server-Sent Events from the SDK as
-plain dicts (the SDK still does the HTTP, the retries, the SSE decoding and
-the error mapping) and hand each to a reader that knows the wire format:
+Both remote backends take their provider's Server-Sent Events as plain dicts
+(the SDK still does the HTTP, the retries and the error mapping; the body is
+decoded by :mod:`callbrain.llm.sse`) and hand each to a reader that knows the
+wire format:
 :class:`~callbrain.llm.openai_format.ChunkReader` or
 :class:`~callbrain.llm.anthropic.EventReader`. What they share lives here.
 
