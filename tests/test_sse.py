@@ -169,22 +169,6 @@ async def test_crlf_events_are_read_through_the_sdk_turn_after_turn(server: str)
         await llm.aclose()
 
 
-async def test_an_error_event_is_a_retryable_llm_error_after_the_words(server: str) -> None:
-    llm = _llm(server, "error")
-    texts: list[str] = []
-    try:
-        with pytest.raises(LLMError) as raised:
-            async with llm.chat(REQUEST) as stream:
-                async for chunk in stream:
-                    if isinstance(chunk, TextDelta):
-                        texts.append(chunk.text)
-    finally:
-        await llm.aclose()
-    assert texts == ["Hel"]
-    assert "overloaded" in str(raised.value)
-    assert raised.value.retryable
-
-
 def _claude(url: str, kind: str) -> AnthropicLLM:
     config = AnthropicConfig(
         provider="anthropic", model="m", base_url=f"{url}/{kind}", api_key="k", max_retries=0
@@ -203,10 +187,13 @@ async def test_anthropic_pings_are_skipped_and_the_answer_streams(server: str) -
     assert stream.metrics.outcome == "ok"
 
 
-async def test_an_anthropic_error_event_is_a_retryable_llm_error_after_the_words(
-    server: str,
+@pytest.mark.parametrize(
+    ("provider", "said"), [("openai", "overloaded"), ("anthropic", "Overloaded")]
+)
+async def test_an_error_event_is_a_retryable_llm_error_after_the_words(
+    server: str, provider: str, said: str
 ) -> None:
-    llm = _claude(server, "error")
+    llm = _llm(server, "error") if provider == "openai" else _claude(server, "error")
     texts: list[str] = []
     try:
         with pytest.raises(LLMError) as raised:
@@ -217,5 +204,5 @@ async def test_an_anthropic_error_event_is_a_retryable_llm_error_after_the_words
     finally:
         await llm.aclose()
     assert texts == ["Hel"]
-    assert "Overloaded" in str(raised.value)
+    assert said in str(raised.value)
     assert raised.value.retryable
