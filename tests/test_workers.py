@@ -128,6 +128,19 @@ def scrape(http: str) -> dict[str, float]:
     }
 
 
+async def scrape_when_idle(http: str) -> dict[str, float]:
+    """A scrape once no call is active. A worker counts a call's end just after
+    its socket has closed, so a scrape right after the client's close may still
+    see it: the gauge is polled until it settles (up to 10 s), not timed."""
+    samples = await asyncio.to_thread(scrape, http)
+    for _ in range(200):
+        if samples["callbrain_calls_active"] == 0:
+            break
+        await asyncio.sleep(0.05)
+        samples = await asyncio.to_thread(scrape, http)
+    return samples
+
+
 async def call_then_reconnect_elsewhere(served: Served) -> None:
     """A call's first socket on worker 1, dropped; its reconnect on worker 2,
     which knows the call (no second greeting) and the conversation so far."""
@@ -185,7 +198,7 @@ async def test_two_workers_share_call_memory_metrics_records_and_drain(tmp_path:
         await call_then_reconnect_elsewhere(served)
         # One scrape, from whichever worker, counts both: the call on worker 1,
         # its reconnect on worker 2.
-        samples = await asyncio.to_thread(scrape, served.http)
+        samples = await scrape_when_idle(served.http)
         assert samples["callbrain_calls_total"] == 1
         assert samples["callbrain_reconnects_total"] == 1
         assert samples["callbrain_calls_active"] == 0
