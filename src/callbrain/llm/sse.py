@@ -60,9 +60,14 @@ def _lf(chunk: bytes) -> bytes:
 async def event_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The payload of every event in a byte stream, as the events complete."""
     pending = b""
+    unfinished: list[bytes] = []  # reads with no line end in them, joined once one comes
     async for chunk in chunks:
-        if pending:
-            chunk = pending + chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            unfinished.append(chunk)  # a long line in many reads stays linear
+            continue
+        if pending or unfinished:
+            chunk = b"".join((pending, *unfinished, chunk))
+            unfinished.clear()
         # A CR at the end may be half of a CRLF: it waits for the next read.
         held = b"\r" if chunk.endswith(b"\r") else b""
         *events, pending = _lf(chunk[:-1] if held else chunk).split(b"\n\n")
@@ -71,7 +76,7 @@ async def event_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             if (data := data_of(event)) is not None:
                 yield data
     # The body ended: a trailing CR ends a line, and a last event may lack its blank line.
-    for event in _lf(pending).split(b"\n\n"):
+    for event in _lf(b"".join((pending, *unfinished))).split(b"\n\n"):
         if (data := data_of(event.strip(b"\n"))) is not None:
             yield data
 
